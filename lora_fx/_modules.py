@@ -1,0 +1,71 @@
+"""Small helpers for placing modules and parameters at dotted paths inside a GraphModule."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resolve(root: nn.Module, path: str):
+    """The module, parameter, buffer or attribute at `path`, or None when there is none."""
+    obj = root
+    for part in path.split(".") if path else []:
+        if isinstance(obj, nn.Module):
+            if part in obj._modules:
+                obj = obj._modules[part]
+                continue
+            if part in obj._parameters:
+                obj = obj._parameters[part]
+                continue
+            if part in obj._buffers:
+                obj = obj._buffers[part]
+                continue
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Install `module` at `path`, creating empty parent modules as needed."""
+    *parents, leaf = path.split(".")
+    cur = root
+    for part in parents:
+        nxt = cur._modules.get(part)
+        if nxt is None:
+            nxt = nn.Module()
+            cur.add_module(part, nxt)
+        cur = nxt
+    cur.add_module(leaf, module)
+
+
+def set_parameter(root: nn.Module, path: str, value: nn.Parameter) -> None:
+    """Point the parameter slot at `path` to `value` (the parent module must exist)."""
+    parent, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    owner._parameters[leaf] = value
+
+
+def free_path(root: nn.Module, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first path under `root` that holds nothing yet."""
+    path, i = base, 0
+    while resolve(root, path) is not None:
+        i += 1
+        path = f"{base}_{i}"
+    return path
+
+
+def innermost_module_path(node: torch.fx.Node) -> str:
+    """The path of the innermost module a node was traced in ("" at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return path
+
+
+def innermost_module_type(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    _, typ = list(stack.values())[-1]
+    return typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"

@@ -1,0 +1,196 @@
+"""Capture: the untouched model as an fx graph, through torch.export (non-strict).
+
+`torch.fx.symbolic_trace` cannot trace Hugging Face models (their `forward(**kwargs)`), so capture
+builds on torch.export, with every input dim left to `Dim.AUTO` so batch and sequence stay dynamic.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from . import modes
+from .errors import CaptureError, InputsError
+from .graph_module import CaptureInfo, LoraGraphModule
+
+# Example sizes: >= 2 so torch.export does not specialize a dim to 0 or 1, and distinct so two dims
+# are never assumed equal.
+BATCH, SEQ, DECODER_SEQ = 2, 7, 5
+
+
+def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
+    """The untouched `model` as a `torch.fx.GraphModule`, in eval mode.
+
+    `example_inputs` is a tuple (positional) or a dict (keyword); for a transformers
+    `PreTrainedModel` it may be None, and inputs are built from its config. The graph runs at other
+    batch sizes and sequence lengths, keeps the model's call signature and output type, and obeys
+    `train()` / `eval()`. Parameters are the model's own objects (nothing is copied).
+    """
+    if not isinstance(model, nn.Module):
+        raise InputsError(f"capture needs an nn.Module, got {type(model).__name__}")
+    signature, inputs, positional = bind_example_inputs(model, example_inputs)
+    gm = _export(model, inputs, positional, training=False)
+    notes = []
+    train_probs = None
+    sites = modes.dropout_sites(gm.graph)
+    if sites and modes.has_dropout(model):
+        try:
+            train_sites = modes.dropout_sites(_export(model, inputs, positional, training=True).graph)
+        except CaptureError as e:
+            train_sites = None
+            notes.append(f"train-mode capture failed, attention dropout is off in training: {e}")
+        if train_sites is not None:
+            if [n.target for n in train_sites] == [n.target for n in sites]:
+                train_probs = [modes.dropout_p(n) for n in train_sites]
+            else:
+                notes.append("train-mode graph differs from the eval graph; attention dropout is off in training")
+    replaced = modes.make_mode_aware(gm, train_probs)
+    if replaced:
+        notes.append(f"{replaced} dropout sites follow train()/eval()")
+    out = LoraGraphModule(gm, gm.graph)
+    out._capture = CaptureInfo(
+        source=model,
+        signature=signature,
+        input_names=() if positional else tuple(inputs),
+        positional=positional,
+        notes=notes,
+    )
+    out.eval()
+    return out
+
+
+def bind_example_inputs(model: nn.Module, example_inputs: Any):
+    """Check example inputs against `model.forward` and name them.
+
+    Returns (signature, inputs, positional): inputs is a dict of name -> value (cloned, so views of
+    a bigger batch carry no `_base` for torch.export to guard on), or a tuple when the forward takes
+    `*args`.
+    """
+    forward = model.forward
+    signature = inspect.signature(forward)
+    params = signature.parameters
+    declared = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if example_inputs is None:
+        example_inputs = inputs_from_config(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        unknown = [k for k in example_inputs if k not in declared]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, declared, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
+            raise InputsError(
+                f"{type(model).__name__}.forward declares no input named {unknown} (it declares "
+                f"{declared}){'; ' + hint if hint else ''}. Pass only declared inputs."
+            )
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise InputsError(
+            f"example_inputs must be a tuple (positional), a dict (keyword) or a tensor, "
+            f"got {type(example_inputs).__name__}"
+        )
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputsError(
+            f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}. "
+            f"It declares {declared}."
+        ) from None
+    clone = lambda t: t.detach().clone()  # noqa: E731
+    var_positional = [n for n, p in params.items() if p.kind is p.VAR_POSITIONAL]
+    if var_positional and bound.arguments.get(var_positional[0]):
+        return signature, pytree.tree_map_only(torch.Tensor, clone, tuple(args)), True
+    inputs = {n: v for n, v in bound.arguments.items() if not (v is None and params[n].default is None)}
+    return signature, pytree.tree_map_only(torch.Tensor, clone, inputs), False
+
+
+def inputs_from_config(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Example inputs for a transformers model, built from its config."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is None or main is None:
+        raise InputsError(
+            f"capturing a {type(model).__name__} needs example inputs: pass example_inputs=(x,) or "
+            f"example_inputs={{'name': tensor}} with a real batch (sizes >= 2)"
+        )
+    params = inspect.signature(model.forward).parameters
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    gen = torch.Generator().manual_seed(0)  # leave the user's RNG stream alone
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 2)
+
+    def tokens(seq):
+        return torch.randint(0, max(int(vocab), 2), (BATCH, seq), generator=gen).to(device)
+
+    if main == "input_ids":
+        inputs = {"input_ids": tokens(SEQ)}
+        if "attention_mask" in params:
+            inputs["attention_mask"] = torch.ones(BATCH, SEQ, dtype=torch.long, device=device)
+    elif main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        chans = getattr(config, "num_channels", 3)
+        inputs = {"pixel_values": torch.randn(BATCH, chans, h, w, generator=gen).to(device, dtype)}
+    elif main == "input_features" and hasattr(config, "num_mel_bins"):
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        inputs = {"input_features": torch.randn(BATCH, config.num_mel_bins, frames, generator=gen).to(device, dtype)}
+    else:
+        raise InputsError(
+            f"cannot build example inputs for {type(model).__name__} (main input {main!r}): pass "
+            f"example_inputs={{{main!r}: tensor}} with a real batch (sizes >= 2)"
+        )
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = tokens(DECODER_SEQ)
+    return inputs
+
+
+@contextlib.contextmanager
+def _capture_state(model: nn.Module, training: bool):
+    """Put the model in the mode to capture, with no KV cache and no fused MHA fast path; restore
+    every module's own mode and the config afterwards."""
+    modes_before = [(m, m.training) for m in model.modules()]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None) if config is not None else None
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        model.train(training)
+        if use_cache:  # a returned DynamicCache cannot be exported; the graph computes no cache
+            config.use_cache = False
+        torch.backends.mha.set_fastpath_enabled(False)  # keep MHA's in_proj as a visible linear
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        if use_cache:
+            config.use_cache = use_cache
+        for m, mode in modes_before:
+            m.training = mode
+
+
+def _export(model: nn.Module, inputs, positional: bool, training: bool) -> torch.fx.GraphModule:
+    def dims(v):
+        return {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+
+    args, kwargs = (inputs, {}) if positional else ((), inputs)
+    dynamic = pytree.tree_map(dims, args if positional else kwargs, is_leaf=lambda v: v is None)
+    try:
+        with _capture_state(model, training):
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # torch raises many types here; all mean "could not capture"
+        reason = "\n".join(str(e).strip().splitlines()[:12])
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} "
+            f"({'train' if training else 'eval'} mode): {type(e).__name__}: {reason}\n"
+            "What to try: make the example inputs look like a real batch (sizes >= 2); replace "
+            "Python control flow on tensor values with torch.where or torch.cond; or capture a "
+            "submodule that has no such flow. Your model was not changed."
+        ) from e
+    return ep.module(check_guards=False)

@@ -1,0 +1,25 @@
+"""Errors lora-fx raises. Each message says what is wrong and what to do about it."""
+
+
+class LoraFxError(Exception):
+    """Base class of every error lora-fx raises on purpose."""
+
+
+class TargetError(LoraFxError, ValueError):
+    """`targets` (or `trainable`) names nothing that can be adapted."""
+
+
+class ConfigError(LoraFxError, ValueError):
+    """A hyper-parameter (rank, alpha, dropout, init, block spec) is out of range."""
+
+
+class InputsError(LoraFxError, TypeError):
+    """Example inputs or call inputs do not fit the model's forward signature."""
+
+
+class CaptureError(LoraFxError, RuntimeError):
+    """torch.export could not capture the model."""
+
+
+class FoldError(LoraFxError, ValueError):
+    """LoRA cannot be folded into the base weights."""

@@ -1,0 +1,113 @@
+"""Fold: constant-fold scaling * B @ A into each W0 and drop the LoRA subgraph.
+
+The result's graph is the captured model's graph again (node for node), with new tensors for the
+adapted weights; the injected graph module and the user's model are left as they were.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ._modules import set_parameter
+from .errors import FoldError
+from .graph_module import LoraGraphModule
+from .match import Site
+from .rewrite import LORA_META, lora_nodes, lora_path
+
+
+def delta_weight(gm: nn.Module, site: Site, adapter: str) -> torch.Tensor:
+    """scaling * B @ A for one site, in fp32, in W0's layout and full shape."""
+    delta = torch.zeros(site.out_features, site.in_features, dtype=torch.float32, device=gm.get_parameter(site.param).device)
+    for block in site.blocks:
+        a = gm.get_parameter(lora_path(site, "lora_A", adapter, block.index)).detach().float()
+        b = gm.get_parameter(lora_path(site, "lora_B", adapter, block.index)).detach().float()
+        delta[block.start:block.stop] += site.scaling * (b @ a)
+    return delta.t() if site.layout == "in_out" else delta
+
+
+def _check_not_shared(graph: torch.fx.Graph, site: Site, names: set[str]) -> None:
+    """Folding rewrites W0 for every reader: refuse when a reader outside the LoRA match shares it
+    (a tied embedding), since the fold would change that reader too."""
+    combines = {n for n in graph.nodes if n.meta.get(LORA_META, {}).get("role") == "combine"}
+    feeds = {n.args[0] for n in combines}
+
+    def inside(user: torch.fx.Node) -> bool:
+        if user in feeds or LORA_META in user.meta:
+            return True
+        return bool(user.users) and all(u in feeds for u in user.users)  # W.T feeding a product
+
+    for node in graph.find_nodes(op="get_attr"):
+        if node.target in names:
+            outside = [u for u in node.users if not inside(u)]
+            if outside:
+                raise FoldError(
+                    f"{site.param} is also read by {outside[0].name} ({outside[0].target}), outside the "
+                    "LoRA match (tied weights?): folding would change that reader too. Keep the model "
+                    "unfolded, or untie the weight before inject_lora."
+                )
+
+
+def merge_lora(gm: LoraGraphModule) -> LoraGraphModule:
+    """Fold every LoRA update into its base weight; return a new graph module equal to the capture.
+
+    scaling * B @ A is accumulated in fp32 and cast once to W0's dtype. The adapted weights are new
+    tensors; other weights are shared with `gm`, except trainable copies, which are cloned, so `gm`
+    can keep training without changing the folded module. Folding a folded module returns an equal
+    one.
+    """
+    state = getattr(gm, "_lora", None)
+    if not isinstance(gm, LoraGraphModule) or state is None:
+        raise FoldError(
+            "this module has no LoRA to fold: merge_lora takes the graph module inject_lora (or "
+            "load_adapter) returned"
+        )
+    graph = copy.deepcopy(gm.graph)
+    names_by_param: dict[int, set[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(p), set()).add(name)
+
+    folded: dict[str, torch.Tensor] = {}
+    for site in state.sites if not state.folded else []:
+        w0 = gm.get_parameter(site.param)
+        _check_not_shared(graph, site, names_by_param[id(w0)])
+        delta = delta_weight(gm, site, state.adapter)
+        if not torch.isfinite(delta).all():
+            raise FoldError(
+                f"LoRA weights of {site.param} hold NaN or inf; folding would corrupt the weight. "
+                "Check the training run (learning rate, loss scaling) or reload the adapter."
+            )
+        folded[site.param] = (w0.detach().float() + delta).to(w0.dtype)
+
+    for node in graph.nodes:
+        if node.meta.get(LORA_META, {}).get("role") == "combine":
+            node.replace_all_uses_with(node.args[0])
+    for node in reversed(lora_nodes(graph)):
+        graph.erase_node(node)
+    graph.lint()
+
+    new = LoraGraphModule(gm, graph)
+    for node in new.graph.find_nodes(op="call_module"):  # own mode switches (dropout)
+        parent, _, leaf = node.target.rpartition(".")
+        owner = new.get_submodule(parent) if parent else new
+        owner._modules[leaf] = copy.deepcopy(owner._modules[leaf])
+    replaced: dict[int, nn.Parameter] = {}
+    for name, p in list(new.named_parameters(remove_duplicate=False)):
+        if id(p) in replaced:
+            set_parameter(new, name, replaced[id(p)])
+            continue
+        site_name = next((n for n in names_by_param.get(id(p), ()) if n in folded), None)
+        if site_name is not None:
+            replaced[id(p)] = nn.Parameter(folded[site_name], requires_grad=False)
+        elif p.requires_grad:  # trainable copies (a new head): snapshot them
+            replaced[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        else:
+            continue
+        set_parameter(new, name, replaced[id(p)])
+    new._lora = copy.copy(state)
+    new._lora.folded = True
+    new._lora.sites = list(state.sites)
+    new.recompile()
+    new.train(gm.training)
+    return new

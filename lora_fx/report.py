@@ -1,0 +1,60 @@
+"""What a pass did, as data with a readable str()."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .match import NearMiss
+
+
+@dataclass
+class SiteRow:
+    param: str
+    owner: str
+    layout: str
+    blocks: str
+    uses: dict[str, int]
+    left_alone: list[str]
+
+
+@dataclass
+class InjectReport:
+    adapter: str
+    rank: int
+    alpha: float
+    dropout: float
+    init: str
+    sites: list[SiteRow]
+    counters: dict[str, int]  # rewritten uses by kind: linear, addmm, matmul, weight
+    trainable_params: int
+    total_params: int
+    lora_params: int
+    trainable_modules: list[str]
+    near_misses: list[NearMiss] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def matched(self) -> list[str]:
+        return [s.param for s in self.sites]
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"LoRA adapter {self.adapter!r}: rank {self.rank}, alpha {self.alpha:g}, dropout {self.dropout:g}, init {self.init}",
+            f"adapted {len(self.sites)} weights; rewritten uses: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.counters.items())),
+            f"trainable params: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_share:.4f}%; LoRA {self.lora_params:,})",
+        ]
+        if self.trainable_modules:
+            lines.append(f"fully trained (copied) modules: {', '.join(self.trainable_modules)}")
+        width = max((len(s.param) for s in self.sites), default=10)
+        for s in self.sites:
+            uses = ", ".join(f"{k} x{v}" for k, v in sorted(s.uses.items()))
+            lines.append(f"  {s.param:<{width}}  {s.layout}  {s.blocks:<14} {uses}")
+            lines.extend(f"    left alone: {why}" for why in s.left_alone)
+        lines.extend(f"near miss: {n}" for n in self.near_misses)
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
