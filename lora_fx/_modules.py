@@ -1,6 +1,9 @@
 """Small helpers for placing modules and parameters at dotted paths inside a GraphModule."""
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
 from torch import nn
 
@@ -69,3 +72,10 @@ def innermost_module_type(node: torch.fx.Node) -> str:
         return ""
     _, typ = list(stack.values())[-1]
     return typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A deep copy of an fx graph (quiet: torch's own pytree specs warn while being copied)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph)

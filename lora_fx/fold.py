@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from ._modules import set_parameter
+from ._modules import copy_graph, set_parameter
 from .errors import FoldError
 from .graph_module import LoraGraphModule
 from .match import Site
@@ -63,7 +63,7 @@ def merge_lora(gm: LoraGraphModule) -> LoraGraphModule:
             "this module has no LoRA to fold: merge_lora takes the graph module inject_lora (or "
             "load_adapter) returned"
         )
-    graph = copy.deepcopy(gm.graph)
+    graph = copy_graph(gm.graph)
     names_by_param: dict[int, set[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(p), set()).add(name)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._modules import resolve, set_module, set_parameter
+from ._modules import copy_graph, resolve, set_module, set_parameter
 from .capture import capture
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule
@@ -111,7 +111,7 @@ def inject_lora(
 def copy_graph_module(gm: LoraGraphModule) -> LoraGraphModule:
     """A new graph module over a copy of `gm`'s graph, sharing its weights; stateless modules (dropout)
     are copied so the two switch train/eval independently."""
-    new = LoraGraphModule(gm, copy.deepcopy(gm.graph))
+    new = LoraGraphModule(gm, copy_graph(gm.graph))
     for node in new.graph.find_nodes(op="call_module"):
         module = new.get_submodule(node.target)
         if next(module.parameters(), None) is None:

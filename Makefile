@@ -1,0 +1,29 @@
+# Two entry points, each setting up .venv on a fresh machine first:
+#   make demo   the main job (examples/quickstart.py)
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+# CPU wheel on disk; override on a GPU machine, e.g. make test TORCH=torch
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,126 @@
+"""The architecture table every core check runs over: small configs, random weights, no downloads."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+H, LAYERS, HEADS, VOCAB = 32, 2, 4, 96
+
+
+class HandWritten(nn.Module):
+    """Model code nobody wrapped in nn.Linear: F.linear on its own parameters, two per module."""
+
+    def __init__(self, d=H, hidden=48):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.mixer = nn.Module()
+        self.mixer.w_in = nn.Parameter(torch.randn(hidden, d) / d**0.5)
+        self.mixer.b_in = nn.Parameter(torch.zeros(hidden))
+        self.mixer.w_out = nn.Parameter(torch.randn(d, hidden) / hidden**0.5)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        h = h + self.drop(F.linear(F.gelu(F.linear(h, self.mixer.w_in, self.mixer.b_in)), self.mixer.w_out))
+        return self.head(h.mean(1))
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    targets: Any
+    peft: dict | None = None  # LoraConfig kwargs where PEFT supports the same targets
+    trainable: tuple = ()
+    inputs: str = "tokens"  # "tokens" | "pixels" | "sequence"
+    has_dropout: bool = True
+    expect: dict = field(default_factory=dict)  # rewritten-use counters the pass must report
+
+    def batch(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        if self.inputs == "pixels":
+            return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+        if self.inputs == "sequence":
+            return {"src": torch.randn(batch, seq, H, generator=g)}
+        params = inspect.signature(model.forward).parameters
+        out = {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
+        if "attention_mask" in params:
+            out["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            out["decoder_input_ids"] = torch.randint(0, VOCAB, (batch, max(seq - 2, 2)), generator=g)
+        return out
+
+
+def _hf(cls_name, config_name, **kw):
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_name)(**kw)
+        return getattr(transformers, cls_name)(config)
+
+    return build
+
+
+def _mha():
+    layer = nn.TransformerEncoderLayer(H, HEADS, 2 * H, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+
+
+_decoder = dict(num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB, hidden_size=H,
+                intermediate_size=2 * H, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_encoder = dict(hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * H,
+                vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.1,
+                attention_probs_dropout_prob=0.1, pad_token_id=0)
+
+CASES = [
+    Case("llama", _hf("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2, attention_dropout=0.1, **_decoder),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}),
+    Case("qwen2", _hf("Qwen2ForCausalLM", "Qwen2Config", num_key_value_heads=2, attention_dropout=0.1, **_decoder),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}),
+    Case("mistral", _hf("MistralForCausalLM", "MistralConfig", num_key_value_heads=2, attention_dropout=0.1, **_decoder),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}),
+    Case("gpt2", _hf("GPT2LMHeadModel", "GPT2Config", n_embd=H, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
+                     n_positions=64, bos_token_id=1, eos_token_id=2),
+         ["c_attn"], peft=dict(target_modules=["c_attn"], fan_in_fan_out=True), expect={"addmm": 2}),
+    Case("gpt2-qv", _hf("GPT2LMHeadModel", "GPT2Config", n_embd=H, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
+                        n_positions=64, bos_token_id=1, eos_token_id=2),
+         {"c_attn": [True, False, True]}, expect={"addmm": 2}),
+    Case("gpt-neox", _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", hidden_size=H, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, intermediate_size=2 * H, vocab_size=VOCAB,
+                         attention_dropout=0.1, hidden_dropout=0.1, bos_token_id=1, eos_token_id=2),
+         ["query_key_value"], peft=dict(target_modules=["query_key_value"]), expect={"linear": 2}),
+    Case("falcon", _hf("FalconForCausalLM", "FalconConfig", hidden_size=H, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, vocab_size=VOCAB, attention_dropout=0.1, hidden_dropout=0.1,
+                       bos_token_id=1, eos_token_id=2),
+         ["query_key_value"], peft=dict(target_modules=["query_key_value"]), expect={"matmul": 2}),
+    Case("bert", _hf("BertForSequenceClassification", "BertConfig", **_encoder),
+         ["query", "value"], peft=dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
+         trainable=("classifier",), expect={"linear": 4}),
+    Case("roberta", _hf("RobertaForSequenceClassification", "RobertaConfig", **{**_encoder, "pad_token_id": 1}),
+         ["query", "value"], peft=dict(target_modules=["query", "value"]), expect={"linear": 4}),
+    Case("distilbert", _hf("DistilBertForSequenceClassification", "DistilBertConfig", dim=H, hidden_dim=2 * H,
+                           n_layers=LAYERS, n_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=64,
+                           dropout=0.1, attention_dropout=0.1, pad_token_id=0),
+         ["q_lin", "v_lin"], peft=dict(target_modules=["q_lin", "v_lin"]), expect={"linear": 4}),
+    Case("bart", _hf("BartForConditionalGeneration", "BartConfig", d_model=H, encoder_layers=LAYERS,
+                     decoder_layers=LAYERS, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+                     encoder_ffn_dim=2 * H, decoder_ffn_dim=2 * H, vocab_size=VOCAB, max_position_embeddings=64,
+                     dropout=0.1, attention_dropout=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     decoder_start_token_id=2, forced_eos_token_id=None),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 12}),
+    Case("vit", _hf("ViTForImageClassification", "ViTConfig", hidden_size=H, num_hidden_layers=LAYERS,
+                    num_attention_heads=HEADS, intermediate_size=2 * H, image_size=32, patch_size=8,
+                    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_labels=3),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), inputs="pixels", expect={"linear": 4}),
+    Case("mha-qv", _mha, {"self_attn": [True, False, True]}, inputs="sequence", expect={"linear": 2}),
+    # PEFT's target "self_attn" adapts in_proj and out_proj too, but its out_proj update is off by
+    # O(1) against W + s*B@A (peft 0.21.2, measured), so this row is checked against the definition only.
+    Case("mha", _mha, ["self_attn", "out_proj"], inputs="sequence", expect={"linear": 4}),
+    Case("hand-written", HandWritten, ["w_in", "w_out"], trainable=("head",), expect={"linear": 2}),
+]

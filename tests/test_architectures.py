@@ -1,0 +1,197 @@
+"""The core battery: every architecture in tests/models.py through the same seven checks."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lora_fx
+from helpers import assert_unchanged, first_tensor, max_abs, randomize_lora, snapshot
+from models import CASES
+
+B1, S1, B2, S2 = 2, 7, 3, 11
+
+
+class Built:
+    """One row, built once per module: the model, its untouched capture, and injected graphs."""
+
+    def __init__(self, case):
+        torch.manual_seed(0)
+        self.case = case
+        self.model = case.build().eval()
+        self.batch = case.batch(self.model, B1, S1)
+        self.snap = snapshot(self.model)
+        self.base = lora_fx.capture(self.model, self.batch)
+        self.gm = self.inject()  # at init: B = 0
+        self.gm.eval()
+
+    def inject(self, **kw):
+        return lora_fx.inject_lora(self.model, self.case.targets, rank=4, alpha=8,
+                                   trainable=self.case.trainable, example_inputs=self.batch, **kw)
+
+    def random_b(self):
+        """An injected graph with random A and B (built once; tests must not change it)."""
+        if not hasattr(self, "_random_b"):
+            self._random_b = self.inject()
+            randomize_lora(self._random_b)
+            self._random_b.eval()
+        return self._random_b
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+def built(request):
+    return Built(request.param)
+
+
+def _loss(out, target):
+    return torch.nn.functional.mse_loss(first_tensor(out).float(), target)
+
+
+def test_1_output_unchanged_at_init(built):
+    with torch.no_grad():
+        assert max_abs(built.gm(**built.batch), built.model(**built.batch)) <= 1e-6
+    report = built.gm.lora_report
+    assert report.counters == built.case.expect, str(report)
+    assert_unchanged(built.model, built.snap)
+
+
+def test_2_only_lora_trains_and_loss_falls(built):
+    gm = built.inject()
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
+    copied = {n for n in trainable if n not in lora}
+    assert lora and all(any(n.startswith(t + ".") or f".{t}." in n for t in built.case.trainable) for n in copied)
+    assert gm.lora_report.trainable_params == sum(p.numel() for n, p in gm.named_parameters() if n in trainable)
+
+    gm.eval()
+    with torch.no_grad():
+        target = torch.randn_like(first_tensor(gm(**built.batch)).float())
+        before = _loss(gm(**built.batch), target).item()
+    gm.train()
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(10):
+        loss = _loss(gm(**built.batch), target)
+        loss.backward()
+        if step == 0:
+            for name, p in gm.named_parameters():
+                if ".lora_B." in name:
+                    assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+                elif not p.requires_grad:
+                    assert p.grad is None, f"base weight {name} got a gradient"
+        opt.step()
+        opt.zero_grad()
+    gm.eval()
+    with torch.no_grad():
+        after = _loss(gm(**built.batch), target).item()
+    assert after < before, f"loss did not fall: {before} -> {after}"
+    for name, p in built.model.named_parameters():  # the user's model kept its weights and flags
+        assert p.grad is None, name
+    assert_unchanged(built.model, built.snap)
+
+
+def test_3_folded_equals_unfolded(built):
+    gm = built.random_b()
+    folded = lora_fx.merge_lora(gm)
+    with torch.no_grad():
+        unfolded_out = gm(**built.batch)
+        assert max_abs(unfolded_out, built.model(**built.batch)) > 1e-6  # LoRA does change the output
+        assert max_abs(folded(**built.batch), unfolded_out) <= 1e-5
+    assert_unchanged(built.model, built.snap)
+
+
+def test_4_folded_graph_is_the_original(built):
+    gm = built.random_b()
+    folded = lora_fx.merge_lora(gm)
+    diff = lora_fx.graph_diff(built.base, folded)
+    assert diff.identical, str(diff)
+    assert not lora_fx.graph_diff(built.base, gm).identical
+    again = lora_fx.merge_lora(folded)  # folding a folded graph is a no-op
+    assert lora_fx.graph_diff(folded, again).identical
+    with torch.no_grad():
+        assert max_abs(again(**built.batch), folded(**built.batch)) == 0
+
+
+def test_5_runs_at_other_shapes(built):
+    gm = built.random_b()
+    folded = lora_fx.merge_lora(gm)
+    other = built.case.batch(built.model, B2, S2, seed=3)
+    with torch.no_grad():
+        assert max_abs(built.gm(**other), built.model(**other)) <= 1e-6
+        assert max_abs(folded(**other), gm(**other)) <= 1e-5
+
+
+def test_6_eval_is_deterministic_and_train_is_the_models(built):
+    gm = built.gm
+    with torch.no_grad():
+        gm.eval()
+        a, b = gm(**built.batch), gm(**built.batch)
+        assert max_abs(a, b) == 0
+        assert max_abs(a, built.model(**built.batch)) <= 1e-6
+        if not built.case.has_dropout:
+            return
+        gm.train()
+        built.model.train()
+        try:
+            torch.manual_seed(5)
+            t1 = gm(**built.batch)
+            t2 = gm(**built.batch)
+            torch.manual_seed(5)
+            ref = built.model(**built.batch)
+        finally:
+            gm.eval()
+            built.model.eval()
+        assert max_abs(t1, t2) > 0, "train() did not turn dropout on"
+        assert max_abs(t1, ref) <= 1e-6, "train-mode graph differs from the model in train mode"
+
+
+def test_8_equals_the_definition(built):
+    """Unfolded output = the untouched model with W0 + scaling * B @ A written into its weights."""
+    from lora_fx.fold import delta_weight
+
+    gm = built.random_b()
+    reference = copy.deepcopy(built.model)
+    with torch.no_grad():
+        for site in gm._lora.sites:
+            reference.get_parameter(site.param).add_(delta_weight(gm, site, gm._lora.adapter))
+        for name, p in gm.named_parameters():
+            if p.requires_grad and ".lora_" not in name:
+                reference.get_parameter(name).copy_(p)
+        assert max_abs(gm(**built.batch), reference(**built.batch)) <= 1e-5
+
+
+def test_7_same_as_peft(built):
+    if built.case.peft is None:
+        pytest.skip("PEFT does not support these targets (fused blocks / parameters)")
+    from peft import LoraConfig, get_peft_model
+
+    gm = built.random_b()
+    peft_model = get_peft_model(copy.deepcopy(built.model), LoraConfig(r=4, lora_alpha=8, **built.case.peft)).eval()
+    peft_params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                key = _peft_key(name, peft_params)
+                peft_params[key].copy_(p)
+            elif p.requires_grad:  # trainable copy: PEFT's modules_to_save copy
+                key = next(k for k in peft_params if k.endswith(name.replace(".weight", ".modules_to_save.default.weight").replace(".bias", ".modules_to_save.default.bias")))
+                peft_params[key].copy_(p)
+        # nn.TransformerEncoder's eval fast path reads in_proj_weight directly and skips PEFT's
+        # MultiheadAttention wrapper (PEFT's LoRA then has no effect); compare on the regular path.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            assert max_abs(gm(**built.batch), peft_model(**built.batch)) <= 1e-6
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _peft_key(name: str, peft_params: dict) -> str:
+    candidates = [f"base_model.model.{name}"]
+    head, sep, tail = name.partition(".out_proj.")  # PEFT wraps nn.MultiheadAttention as base_layer
+    if sep:
+        candidates.append(f"base_model.model.{head}.base_layer.out_proj.{tail}")
+    for key in candidates:
+        if key in peft_params:
+            return key
+    raise KeyError(f"no PEFT parameter for {name}; tried {candidates}")
