@@ -79,3 +79,13 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return copy.deepcopy(graph)
+
+
+def copy_non_persistent(src: nn.Module, dst: nn.Module) -> None:
+    """Buffers `src` keeps out of its state_dict (rotary inv_freq, ...) stay out of `dst`'s, so the
+    state_dict keys of a graph module match the model's."""
+    for path, module in src.named_modules():
+        for leaf in module._non_persistent_buffers_set:
+            parent = resolve(dst, path) if path else dst
+            if isinstance(parent, nn.Module) and leaf in parent._buffers:
+                parent._non_persistent_buffers_set.add(leaf)

@@ -16,6 +16,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from . import modes
+from ._modules import copy_non_persistent
 from .errors import CaptureError, InputsError
 from .graph_module import CaptureInfo, LoraGraphModule
 
@@ -54,6 +55,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
     if replaced:
         notes.append(f"{replaced} dropout sites follow train()/eval()")
     out = LoraGraphModule(gm, gm.graph)
+    copy_non_persistent(model, out)
     out._capture = CaptureInfo(
         source=model,
         signature=signature,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._modules import copy_non_persistent
 from .errors import InputsError
 
 
@@ -54,6 +55,7 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, class_name: str = "LoraGraphModule"):
         super().__init__(root, graph, class_name)
+        copy_non_persistent(root, self)
         for attr in ("_in_spec", "_out_spec"):
             if hasattr(root, attr):
                 setattr(self, attr, getattr(root, attr))

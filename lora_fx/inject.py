@@ -146,15 +146,18 @@ def _as_names(trainable) -> list[str]:
 
 def _trainable_paths(gm: nn.Module, names: list[str], adapted_owners: set[str]) -> list[str]:
     """Module paths (with weights in the graph) named by `trainable`."""
-    owners = sorted({n.rpartition(".")[0] for n, _ in gm.named_parameters(remove_duplicate=False)})
+    owners = set()
+    for n, _ in gm.named_parameters(remove_duplicate=False):
+        parts = n.split(".")[:-1]
+        owners.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    owners = sorted(owners)
     paths = []
     for name in names:
         found = [o for o in owners if o == name or o.endswith("." + name)]
-        found += [o for o in owners if any(o.startswith(f + ".") for f in found) and o not in found]
         if not found:
             raise TargetError(
                 f"trainable module {name!r} matches no module with weights in the graph; modules are "
-                f"named like {[o.rsplit('.', 1)[-1] for o in owners][-5:]}"
+                f"named like {sorted({o.rsplit('.', 1)[-1] for o in owners})[:12]}"
             )
         paths.extend(p for p in found if p not in paths)
     clash = sorted(o for o in adapted_owners if any(o == p or o.startswith(p + ".") for p in paths))

@@ -1,0 +1,142 @@
+"""capture(): inputs, signatures, shapes, modes, and re-capture for other inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lora_fx
+from helpers import assert_unchanged, max_abs, snapshot
+
+
+def tiny_llama(**kw):
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def test_inputs_built_from_config_and_output_type_kept():
+    model = tiny_llama()
+    gm = lora_fx.capture(model)
+    ids = torch.randint(0, 64, (3, 9))
+    out = gm(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert type(out) is type(model(input_ids=ids))
+    assert max_abs(out, model(input_ids=ids, attention_mask=torch.ones_like(ids))) == 0
+    assert not gm.training
+
+
+def test_sliced_batch_as_example_then_ordinary_tensors():
+    model = tiny_llama()
+    batch = torch.randint(0, 64, (8, 16))
+    gm = lora_fx.capture(model, {"input_ids": batch[:2]})  # a view: torch.export would guard on its base
+    fresh = torch.randint(0, 64, (5, 12))
+    assert max_abs(gm(input_ids=fresh), model(input_ids=fresh)) == 0
+    assert max_abs(gm(input_ids=batch[2:6]), model(input_ids=batch[2:6])) == 0
+
+
+def test_positional_and_keyword_calls_agree():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 7))
+    gm = lora_fx.capture(model, (ids,))
+    assert max_abs(gm(ids), gm(input_ids=ids)) == 0
+    assert len(gm._variants) == 0  # both bind to the same captured input
+
+
+def test_undeclared_input_rejected_even_with_kwargs():
+    model = tiny_llama()
+    snap = snapshot(model)
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.raises(lora_fx.InputsError, match=r"declares no input named \['input_idz'\].*did you mean 'input_ids'"):
+        lora_fx.capture(model, {"input_idz": ids})
+    with pytest.raises(lora_fx.InputsError, match="do not fit"):
+        lora_fx.capture(model, (ids,) * 40)
+    with pytest.raises(lora_fx.InputsError, match="must be a tuple"):
+        lora_fx.capture(model, 3)
+    assert_unchanged(model, snap)
+
+
+def test_plain_module_without_inputs_asks_for_them():
+    with pytest.raises(lora_fx.InputsError, match="needs example inputs"):
+        lora_fx.capture(nn.Linear(4, 4))
+
+
+def test_data_dependent_control_flow_is_a_clear_capture_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # depends on values: torch.export cannot capture it
+                return self.lin(x)
+            return -self.lin(x)
+
+    model = Branchy().train()
+    snap = snapshot(model)
+    with pytest.raises(lora_fx.CaptureError, match=r"(?s)could not capture Branchy.*GuardOnDataDependent.*What to try.*torch.cond"):
+        lora_fx.capture(model, (torch.randn(2, 4),))
+    assert_unchanged(model, snap)
+    assert model.training
+
+
+def test_capture_restores_config_and_modes():
+    model = tiny_llama(use_cache=True)
+    model.train()
+    model.model.layers[0].eval()  # a mixed-mode model stays mixed
+    modes = {n: m.training for n, m in model.named_modules()}
+    gm = lora_fx.capture(model)
+    assert model.config.use_cache is True
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    ids = torch.randint(0, 64, (2, 5))
+    assert max_abs(gm(input_ids=ids, attention_mask=torch.ones_like(ids)), model.eval()(input_ids=ids)) == 0
+
+
+def test_parameters_are_the_models_own():
+    model = tiny_llama()
+    gm = lora_fx.capture(model)
+    for name, p in model.named_parameters():
+        assert gm.get_parameter(name) is p
+
+
+def test_other_inputs_are_captured_on_the_fly():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 7))
+    gm = lora_fx.capture(model, {"input_ids": ids})
+    out = gm(input_ids=ids, labels=ids)  # labels were not in the capture
+    assert torch.allclose(out.loss, model(input_ids=ids, labels=ids).loss, atol=1e-6)
+    assert len(gm._variants) == 1
+    gm(input_ids=ids, labels=ids, attention_mask=None)  # None at its default is not an input
+    assert len(gm._variants) == 1
+
+
+def test_other_inputs_without_source_model_fail_clearly():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 7))
+    gm = lora_fx.capture(model, {"input_ids": ids})
+    gm._capture.source = None
+    with pytest.raises(lora_fx.InputsError, match=r"captured with inputs \['input_ids'\].*labels.*example_inputs="):
+        gm(input_ids=ids, labels=ids)
+
+
+def test_unknown_call_input_is_rejected():
+    model = tiny_llama()
+    gm = lora_fx.capture(model)
+    with pytest.raises(lora_fx.InputsError, match="not declared"):
+        gm(input_ids=torch.zeros(2, 3, dtype=torch.long), foo=1)
+
+
+def test_plain_function_module_with_f_linear():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.w).relu()
+
+    m = M()
+    gm = lora_fx.capture(m, (torch.randn(2, 3, 4),))
+    x = torch.randn(5, 9, 4)
+    assert max_abs(gm(x), m(x)) == 0
