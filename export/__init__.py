@@ -1,0 +1,1 @@
+"""Deployment: ONNX export of folded graphs, ONNX Runtime sessions, and ONNX graph diffs."""
