@@ -61,6 +61,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
         signature=signature,
         input_names=() if positional else tuple(inputs),
         positional=positional,
+        example_inputs=inputs,
         notes=notes,
     )
     out.eval()

@@ -20,6 +20,7 @@ class CaptureInfo:
     signature: inspect.Signature | None  # the model's forward signature
     input_names: tuple[str, ...]  # keyword inputs the graph was captured with
     positional: bool = False  # captured positionally (a forward that takes *args)
+    example_inputs: Any = None  # the (cloned) inputs captured with: a dict, or a tuple if positional
     notes: list[str] = field(default_factory=list)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:

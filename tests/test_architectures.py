@@ -7,41 +7,8 @@ import pytest
 import torch
 
 import lora_fx
-from helpers import assert_unchanged, first_tensor, max_abs, randomize_lora, snapshot
-from models import CASES
-
-B1, S1, B2, S2 = 2, 7, 3, 11
-
-
-class Built:
-    """One row, built once per module: the model, its untouched capture, and injected graphs."""
-
-    def __init__(self, case):
-        torch.manual_seed(0)
-        self.case = case
-        self.model = case.build().eval()
-        self.batch = case.batch(self.model, B1, S1)
-        self.snap = snapshot(self.model)
-        self.base = lora_fx.capture(self.model, self.batch)
-        self.gm = self.inject()  # at init: B = 0
-        self.gm.eval()
-
-    def inject(self, **kw):
-        return lora_fx.inject_lora(self.model, self.case.targets, rank=4, alpha=8,
-                                   trainable=self.case.trainable, example_inputs=self.batch, **kw)
-
-    def random_b(self):
-        """An injected graph with random A and B (built once; tests must not change it)."""
-        if not hasattr(self, "_random_b"):
-            self._random_b = self.inject()
-            randomize_lora(self._random_b)
-            self._random_b.eval()
-        return self._random_b
-
-
-@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
-def built(request):
-    return Built(request.param)
+from battery import B2, S2
+from helpers import assert_unchanged, first_tensor, max_abs
 
 
 def _loss(out, target):

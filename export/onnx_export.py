@@ -1,0 +1,124 @@
+"""export_onnx: a captured (folded or not) graph, or any module, to ONNX through the dynamo exporter.
+
+Every module goes through `lora_fx.capture` first, so the untouched model and a folded graph take the
+same path to ONNX and come out node-for-node (and name-for-name) the same.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+import lora_fx
+from lora_fx.graph_module import LoraGraphModule
+
+
+class ExportError(lora_fx.LoraFxError, RuntimeError):
+    """ONNX export failed; the message says whether LoRA has anything to do with it."""
+
+
+def _writable_target(path: Path) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ExportError(f"cannot write {path}: no write permission; choose a writable path")
+
+
+def output_names(gm: LoraGraphModule) -> list[str] | None:
+    """Names for the flattened outputs: the keys of a ModelOutput or dict, output_<i> otherwise."""
+    spec = getattr(gm, "_out_spec", None)
+    if spec is None:
+        return None
+    dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths, _ = pytree.tree_flatten_with_path(dummy)
+    if len(paths) == 1 and not paths[0][0]:
+        return ["output"]
+    names = []
+    for path, _ in paths:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append(".".join(parts) if parts else "output")
+    if not isinstance(dummy, dict) and not hasattr(dummy, "keys"):
+        names = [f"output_{n}" if n.isdigit() else n for n in names]
+    return names
+
+
+def _has_lora(gm: LoraGraphModule) -> bool:
+    return gm._lora is not None and not gm._lora.folded
+
+
+def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic: bool = True,
+                opset: int | None = None, optimize: bool = False) -> Path:
+    """Export `module` (a graph lora-fx returned, or any nn.Module) to ONNX at `path`.
+
+    Dynamic batch and sequence axes by default; inputs and outputs named as the model names them;
+    weights keep their parameter names (`optimize=False`, so the untouched and the folded exports can
+    be compared name for name; ONNX Runtime optimizes at load time anyway). Weights over 2 GB go to
+    external data. The file passes `onnx.checker`. Returns the path written.
+    """
+    path = Path(path)
+    _writable_target(path)
+    gm = module if isinstance(module, LoraGraphModule) else lora_fx.capture(module, example_inputs)
+    cap = gm._capture
+    if example_inputs is None:
+        if cap is None or cap.example_inputs is None:
+            raise ExportError("export_onnx needs example_inputs for this module (a dict or tuple like a real batch)")
+        example_inputs = cap.example_inputs
+    elif cap is not None and not cap.positional and not isinstance(example_inputs, dict):
+        example_inputs = cap.bind(tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,), {})
+    positional = not isinstance(example_inputs, dict)
+    args, kwargs = (tuple(example_inputs), {}) if positional else ((), dict(example_inputs))
+
+    def dims(v):
+        return {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+
+    dynamic_shapes = pytree.tree_map(dims, args if positional else kwargs) if dynamic else None
+    input_names = None if positional else list(kwargs)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                gm, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=optimize,
+                input_names=input_names, output_names=output_names(gm), opset_version=opset,
+                verbose=False, report=False,
+            )
+    except Exception as e:
+        raise _explain_failure(gm, e) from e
+    finally:
+        gm.train(was_training)
+    program.save(str(path))  # weights over 2 GB go to <path>.data automatically
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _explain_failure(gm: LoraGraphModule, error: Exception) -> ExportError:
+    reason = "\n".join(str(error).strip().splitlines()[:8])
+    name = type(gm._capture.source).__name__ if gm._capture and gm._capture.source is not None else "this model"
+    base_fails = True
+    if _has_lora(gm) and gm._capture and gm._capture.source is not None:
+        try:  # does the untouched model export? then LoRA is to blame
+            with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(lora_fx.capture(gm._capture.source, gm._capture.example_inputs), (),
+                                  kwargs=gm._capture.example_inputs, dynamo=True, optimize=False, verbose=False)
+            base_fails = False
+        except Exception:
+            base_fails = True
+    if base_fails:
+        return ExportError(
+            f"torch.onnx cannot export {name} even without LoRA (the untouched model's graph fails the "
+            f"same way), so this is not caused by LoRA: {type(error).__name__}: {reason}\n"
+            "Check torch's ONNX exporter issues for this architecture, or export a submodule."
+        )
+    return ExportError(
+        f"ONNX export of the LoRA graph of {name} failed although the untouched model exports: "
+        f"{type(error).__name__}: {reason}\nFold first (lora_fx.merge_lora) and export the folded graph."
+    )
