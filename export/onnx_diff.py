@@ -1,31 +1,59 @@
-"""onnx_diff: compare two ONNX models by structure (canonical wiring), names, and weights."""
+"""onnx_diff: compare two ONNX models by structure (wiring after canonical renaming), by names, and by
+weights.
+
+Nodes are aligned on (domain, op type, attributes) with difflib, the way `lora_fx.graph_diff` aligns
+fx nodes, so an inserted LoRA branch shows as added nodes plus the rewired consumers, not as every
+later node being different. Tensors are compared through the alignment: a graph input by position,
+an initializer by name, a node output by its (aligned) producer.
+"""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 
-def _load(m) -> onnx.ModelProto:
+def load(m) -> onnx.ModelProto:
     if isinstance(m, onnx.ModelProto):
         return m
     return onnx.load(str(m), load_external_data=True)
 
 
-def _value(attr: onnx.AttributeProto, names: dict):
+def _attr(attr: onnx.AttributeProto):
     v = onnx.helper.get_attribute_value(attr)
     if isinstance(v, onnx.TensorProto):
         return ("tensor", tuple(v.dims), v.data_type, numpy_helper.to_array(v).tobytes())
     if isinstance(v, onnx.GraphProto):
-        return ("graph", _canonical_graph(v, dict(names))[0])
+        return ("graph", _canonical_body(v))
     if isinstance(v, list) and v and isinstance(v[0], onnx.GraphProto):
-        return ("graphs", tuple(_canonical_graph(g, dict(names))[0] for g in v))
+        return ("graphs", tuple(_canonical_body(g) for g in v))
     if isinstance(v, list):
         return tuple(v)
     return v
+
+
+def _canonical_body(graph) -> tuple:
+    """A subgraph or function body with its tensors renamed by position (for attribute comparison)."""
+    names = {}
+    inputs = graph.input if isinstance(graph, onnx.FunctionProto) else [i.name for i in graph.input]
+    for i, x in enumerate(inputs):
+        names[x] = f"input{i}"
+    for init in getattr(graph, "initializer", []):
+        names[init.name] = f"init:{init.name}"
+    nodes = []
+    for k, node in enumerate(graph.node):
+        ins = tuple(names.get(x, f"outer:{x}") if x else "" for x in node.input)
+        nodes.append((node.domain, node.op_type, ins, _attrs(node)))
+        names.update({out: f"n{k}.{j}" for j, out in enumerate(node.output) if out})
+    outputs = graph.output if isinstance(graph, onnx.FunctionProto) else [o.name for o in graph.output]
+    return tuple(nodes), tuple(names.get(o, o) for o in outputs)
+
+
+def _attrs(node: onnx.NodeProto) -> tuple:
+    return tuple(sorted((a.name, _attr(a)) for a in node.attribute))
 
 
 def _type(t: onnx.TypeProto):
@@ -36,44 +64,37 @@ def _type(t: onnx.TypeProto):
     return (t.WhichOneof("value"),)
 
 
-def _canonical_graph(graph: onnx.GraphProto, names: dict):
-    """Nodes as (op, domain, inputs, n_outputs, attributes) with tensors renamed canonically:
-    graph inputs by position, initializers by name, node outputs by producer position."""
-    names = dict(names)
-    for i, inp in enumerate(graph.input):
-        names[inp.name] = f"input{i}"
-    for init in graph.initializer:
-        names[init.name] = f"init:{init.name}"
-    nodes = []
+def _producers(graph: onnx.GraphProto) -> dict[str, tuple]:
+    """tensor name -> where it comes from: ("input", i), ("init", name) or ("node", k, j)."""
+    src = {i.name: ("input", n) for n, i in enumerate(graph.input)}
+    src.update({t.name: ("init", t.name) for t in graph.initializer})
     for k, node in enumerate(graph.node):
-        ins = tuple(names.get(x, f"outer:{x}") if x else "" for x in node.input)
-        attrs = tuple(sorted((a.name, _value(a, names)) for a in node.attribute))
-        for j, out in enumerate(node.output):
-            if out:
-                names[out] = f"n{k}.{j}"
-        nodes.append((node.op_type, node.domain, ins, len(node.output), attrs))
-    outputs = tuple(names.get(o.name, o.name) for o in graph.output)
-    return tuple(nodes), outputs
+        src.update({out: ("node", k, j) for j, out in enumerate(node.output) if out})
+    return src
 
 
-def _describe(node) -> str:
-    op, domain, ins, n_out, attrs = node
-    return f"{(domain + '::') if domain else ''}{op}({', '.join(ins)})" + (f" {dict((k, v) for k, v in attrs if not isinstance(v, tuple) or v[:1] not in (('graph',), ('tensor',)))}" if attrs else "")
+def node_text(node: onnx.NodeProto) -> str:
+    return f"{node.name or '?'}: {node.domain + '::' if node.domain else ''}{node.op_type}({', '.join(node.input)})"
 
 
 @dataclass
 class OnnxDiff:
     same_structure: bool
-    same_names: bool  # node names and tensor names equal too
+    same_names: bool  # node and tensor names equal too (implies same_structure)
     changed_initializers: dict[str, float] = field(default_factory=dict)  # name -> max abs change
-    differences: list[str] = field(default_factory=list)  # structural differences, readable
+    added: list[int] = field(default_factory=list)  # node indices in b with no counterpart in a
+    removed: list[int] = field(default_factory=list)  # node indices in a with no counterpart in b
+    rewired: list[tuple[int, int]] = field(default_factory=list)  # aligned (a, b) nodes with other inputs
+    differences: list[str] = field(default_factory=list)  # everything structural, readable
     nodes: tuple[int, int] = (0, 0)
 
     def __str__(self) -> str:
-        head = (f"ONNX graphs: {'same structure' if self.same_structure else 'DIFFERENT structure'}"
-                f" ({self.nodes[0]} vs {self.nodes[1]} nodes), names {'equal' if self.same_names else 'differ'}, "
-                f"{len(self.changed_initializers)} initializers changed")
-        lines = [head]
+        lines = [
+            f"ONNX graphs: {'same structure' if self.same_structure else 'DIFFERENT structure'} "
+            f"({self.nodes[0]} vs {self.nodes[1]} nodes; {len(self.added)} added, {len(self.removed)} removed, "
+            f"{len(self.rewired)} rewired), names {'equal' if self.same_names else 'differ'}, "
+            f"{len(self.changed_initializers)} initializers changed"
+        ]
         lines += [f"  {d}" for d in self.differences[:40]]
         if len(self.differences) > 40:
             lines.append(f"  ... {len(self.differences) - 40} more")
@@ -84,74 +105,69 @@ class OnnxDiff:
 
 def onnx_diff(a, b) -> OnnxDiff:
     """Compare two ONNX models (paths or ModelProtos)."""
-    ma, mb = _load(a), _load(b)
+    ma, mb = load(a), load(b)
     ga, gb = ma.graph, mb.graph
     diffs: list[str] = []
-    opset_a = sorted((o.domain, o.version) for o in ma.opset_import)
-    opset_b = sorted((o.domain, o.version) for o in mb.opset_import)
-    if opset_a != opset_b:
-        diffs.append(f"opsets differ: {opset_a} vs {opset_b}")
-    for kind, xa, xb in (("input", ga.input, gb.input), ("output", ga.output, gb.output)):
-        sa = [(v.name, _type(v.type)) for v in xa]
-        sb = [(v.name, _type(v.type)) for v in xb]
+    opsets = [sorted((o.domain, o.version) for o in m.opset_import) for m in (ma, mb)]
+    if opsets[0] != opsets[1]:
+        diffs.append(f"opsets differ: {opsets[0]} vs {opsets[1]}")
+    for kind, xa, xb in (("inputs", ga.input, gb.input), ("outputs", ga.output, gb.output)):
+        sa, sb = [(v.name, _type(v.type)) for v in xa], [(v.name, _type(v.type)) for v in xb]
         if sa != sb:
-            diffs.append(f"graph {kind}s differ: {sa} vs {sb}")
+            diffs.append(f"graph {kind} differ: {sa} vs {sb}")
     ia = {t.name: (tuple(t.dims), t.data_type) for t in ga.initializer}
     ib = {t.name: (tuple(t.dims), t.data_type) for t in gb.initializer}
-    for name in sorted(ia.keys() - ib.keys()):
-        diffs.append(f"initializer only in a: {name} {ia[name][0]}")
-    for name in sorted(ib.keys() - ia.keys()):
-        diffs.append(f"initializer only in b: {name} {ib[name][0]}")
-    for name in sorted(ia.keys() & ib.keys()):
-        if ia[name] != ib[name]:
-            diffs.append(f"initializer {name}: shape/type {ia[name]} vs {ib[name]}")
-    na, outs_a = _canonical_graph(ga, {})
-    nb, outs_b = _canonical_graph(gb, {})
-    if len(na) != len(nb):
-        diffs.append(f"node count differs: {len(na)} vs {len(nb)}")
-    for k, (x, y) in enumerate(zip(na, nb)):
-        if x != y:
-            diffs.append(f"node {k}: {ga.node[k].name or '?'} {_describe(x)}  vs  {gb.node[k].name or '?'} {_describe(y)}")
+    diffs += [f"initializer only in a: {n} {ia[n][0]}" for n in sorted(ia.keys() - ib.keys())]
+    diffs += [f"initializer only in b: {n} {ib[n][0]}" for n in sorted(ib.keys() - ia.keys())]
+    diffs += [f"initializer {n}: {ia[n]} vs {ib[n]}" for n in sorted(ia.keys() & ib.keys()) if ia[n] != ib[n]]
+
+    keys_a = [(n.domain, n.op_type, _attrs(n)) for n in ga.node]
+    keys_b = [(n.domain, n.op_type, _attrs(n)) for n in gb.node]
+    result = OnnxDiff(False, False, nodes=(len(ga.node), len(gb.node)))
+    pair: dict[int, int] = {}
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=keys_a, b=keys_b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            pair.update(zip(range(i1, i2), range(j1, j2)))
+        else:
+            result.removed += list(range(i1, i2))
+            result.added += list(range(j1, j2))
+    src_a, src_b = _producers(ga), _producers(gb)
+
+    def through(src):  # a-side source expressed in b's terms
+        if src is not None and src[0] == "node":
+            return ("node", pair.get(src[1], f"a{src[1]}"), src[2])
+        return src
+
+    for i, j in pair.items():
+        ins_a = [through(src_a.get(x, ("outer", x))) if x else None for x in ga.node[i].input]
+        ins_b = [src_b.get(x, ("outer", x)) if x else None for x in gb.node[j].input]
+        if ins_a != ins_b or len(ga.node[i].output) != len(gb.node[j].output):
+            result.rewired.append((i, j))
+    outs_a = [through(src_a.get(o.name)) for o in ga.output]
+    outs_b = [src_b.get(o.name) for o in gb.output]
     if outs_a != outs_b:
-        diffs.append(f"graph outputs wired differently: {outs_a} vs {outs_b}")
-    fa = {(f.domain, f.name): f for f in ma.functions}
-    fb = {(f.domain, f.name): f for f in mb.functions}
+        diffs.append("graph outputs are produced by different nodes")
+    diffs += [f"- {node_text(ga.node[i])}" for i in result.removed]
+    diffs += [f"+ {node_text(gb.node[j])}" for j in result.added]
+    diffs += [f"~ {node_text(gb.node[j])}  (was {node_text(ga.node[i])})" for i, j in result.rewired]
+    fa = {(f.domain, f.name): _canonical_body(f) for f in ma.functions}
+    fb = {(f.domain, f.name): _canonical_body(f) for f in mb.functions}
     if fa.keys() != fb.keys():
         diffs.append(f"functions differ: {sorted(fa)} vs {sorted(fb)}")
-    for key in fa.keys() & fb.keys():
-        ca = _canonical_function(fa[key])
-        if ca != _canonical_function(fb[key]):
-            diffs.append(f"function {key[1]} differs")
+    diffs += [f"function {k[1]} differs" for k in fa.keys() & fb.keys() if fa[k] != fb[k]]
 
-    changed = {}
     tb = {t.name: t for t in gb.initializer}
     for t in ga.initializer:
         other = tb.get(t.name)
-        if other is None or (tuple(t.dims), t.data_type) != (tuple(other.dims), other.data_type):
+        if other is None or ia[t.name] != ib[t.name]:
             continue
         x, y = numpy_helper.to_array(t), numpy_helper.to_array(other)
         if not np.array_equal(x, y):
-            changed[t.name] = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+            result.changed_initializers[t.name] = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
 
-    same_names = (
-        not diffs
-        and [n.name for n in ga.node] == [n.name for n in gb.node]
-        and [list(n.input) + list(n.output) for n in ga.node] == [list(n.input) + list(n.output) for n in gb.node]
+    result.differences = diffs
+    result.same_structure = not diffs
+    result.same_names = result.same_structure and all(
+        (x.name, list(x.input), list(x.output)) == (y.name, list(y.input), list(y.output)) for x, y in zip(ga.node, gb.node)
     )
-    return OnnxDiff(not diffs, same_names, changed, diffs, (len(ga.node), len(gb.node)))
-
-
-def _canonical_function(f: onnx.FunctionProto):
-    names = {x: f"input{i}" for i, x in enumerate(f.input)}
-    nodes = []
-    for k, node in enumerate(f.node):
-        ins = tuple(names.get(x, x) for x in node.input)
-        attrs = tuple(sorted((a.name, _value(a, names)) for a in node.attribute))
-        for j, out in enumerate(node.output):
-            names[out] = f"n{k}.{j}"
-        nodes.append((node.op_type, node.domain, ins, attrs))
-    return tuple(nodes), tuple(names.get(o, o) for o in f.output)
-
-
-def is_onnx(path) -> bool:
-    return Path(path).suffix == ".onnx"
+    return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
             program = torch.onnx.export(
                 gm, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=optimize,
                 input_names=input_names, output_names=output_names(gm), opset_version=opset,

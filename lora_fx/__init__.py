@@ -9,12 +9,15 @@ from .errors import CaptureError, ConfigError, FoldError, InputsError, LoraFxErr
 from .fold import merge_lora
 from .graph_module import LoraGraphModule
 from .inject import inject_lora
+from .saved import load_graph, save_graph
 
 __all__ = [
     "capture",
     "inject_lora",
     "merge_lora",
     "graph_diff",
+    "save_graph",
+    "load_graph",
     "GraphDiff",
     "LoraGraphModule",
     "LoraFxError",

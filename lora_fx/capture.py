@@ -161,19 +161,20 @@ def _capture_state(model: nn.Module, training: bool):
     """Put the model in the mode to capture, with no KV cache and no fused MHA fast path; restore
     every module's own mode and the config afterwards."""
     modes_before = [(m, m.training) for m in model.modules()]
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None) if config is not None else None
+    # every config a submodule reads (T5's decoder stack has its own copy)
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    caching = [c for c in configs.values() if getattr(c, "use_cache", None)]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.train(training)
-        if use_cache:  # a returned DynamicCache cannot be exported; the graph computes no cache
-            config.use_cache = False
+        for c in caching:  # a returned KV cache cannot be exported; the graph computes none
+            c.use_cache = False
         torch.backends.mha.set_fastpath_enabled(False)  # keep MHA's in_proj as a visible linear
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        if use_cache:
-            config.use_cache = use_cache
+        for c in caching:
+            c.use_cache = True
         for m, mode in modes_before:
             m.training = mode
 

@@ -50,6 +50,9 @@ class GraphDiff:
     added: list[str] = field(default_factory=list)  # nodes only in b
     removed: list[str] = field(default_factory=list)  # nodes only in a
     changed: list[NodeChange] = field(default_factory=list)  # aligned nodes whose inputs differ
+    added_nodes: list[str] = field(default_factory=list)  # names in b (for drawing)
+    removed_nodes: list[str] = field(default_factory=list)  # names in a
+    changed_nodes: list[str] = field(default_factory=list)  # names in b
 
     def __str__(self) -> str:
         if self.identical:
@@ -82,6 +85,8 @@ def graph_diff(a, b) -> GraphDiff:
             continue
         diff.removed += [_describe(n) for n in na[i1:i2]]
         diff.added += [_describe(n) for n in nb[j1:j2]]
+        diff.removed_nodes += [n.name for n in na[i1:i2]]
+        diff.added_nodes += [n.name for n in nb[j1:j2]]
 
     def mapped(x):
         if isinstance(x, torch.fx.Node):
@@ -97,6 +102,7 @@ def graph_diff(a, b) -> GraphDiff:
         )
         if not _same(xa, ya):
             diff.changed.append(NodeChange(_describe(x), _describe(y), "inputs differ"))
+            diff.changed_nodes.append(y.name)
     spec = lambda m, k: str(getattr(m, k, None)) if m is not None else None  # noqa: E731
     for k in ("_in_spec", "_out_spec"):
         if spec(owner_a, k) != spec(owner_b, k):

@@ -1,0 +1,40 @@
+"""Graphs on disk: a captured, injected or folded graph saved as a torch.export program (.pt2), so
+two of them can be diffed later (`lora-fx diff a.pt2 b.pt2`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import InputsError
+from .graph_module import LoraGraphModule
+
+
+def save_graph(gm: LoraGraphModule, path) -> Path:
+    """Write `gm` (as traced at its capture inputs, in eval mode) to a .pt2 file."""
+    cap = gm._capture
+    if cap is None or cap.example_inputs is None:
+        raise InputsError("save_graph needs a graph that lora_fx captured (it re-traces at the capture inputs)")
+    inputs = cap.example_inputs
+    args, kwargs = (tuple(inputs), {}) if cap.positional else ((), dict(inputs))
+    dims = pytree.tree_map(lambda v: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
+                           args if cap.positional else kwargs)
+    was_training = gm.training
+    gm.eval()
+    try:
+        ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dims, strict=False)
+    finally:
+        gm.train(was_training)
+    torch.export.save(ep, str(path))
+    return Path(path)
+
+
+def load_graph(path) -> torch.fx.GraphModule:
+    """The graph module saved by `save_graph` (or any torch.export .pt2 file)."""
+    try:  # ModelOutput classes register as pytree nodes when defined; the file's out_spec names them
+        import transformers.modeling_outputs  # noqa: F401
+    except ImportError:
+        pass
+    return torch.export.load(str(path)).module()
