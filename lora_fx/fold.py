@@ -14,17 +14,44 @@ from ._modules import copy_graph, set_parameter
 from .errors import FoldError
 from .graph_module import LoraGraphModule
 from .match import Site
-from .rewrite import LORA_META, lora_nodes, lora_path
+from .adapters import adapter_weights
+from .rewrite import LORA_META, lora_path, scale_path, strip_lora
 
 
-def delta_weight(gm: nn.Module, site: Site, adapter: str) -> torch.Tensor:
-    """scaling * B @ A for one site, in fp32, in W0's layout and full shape."""
-    delta = torch.zeros(site.out_features, site.in_features, dtype=torch.float32, device=gm.get_parameter(site.param).device)
-    for block in site.blocks:
-        a = gm.get_parameter(lora_path(site, "lora_A", adapter, block.index)).detach().float()
-        b = gm.get_parameter(lora_path(site, "lora_B", adapter, block.index)).detach().float()
-        delta[block.start:block.stop] += site.scaling * (b @ a)
+def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
+    """The LoRA update of one weight, in fp32, in W0's layout and full shape.
+
+    adapters: None for what the graph computes now (the active adapters), or a name, a list of
+    names, or {name: weight} for a weighted sum of stored adapters.
+    """
+    state = gm._lora
+    w0 = gm.get_parameter(site.param)
+    delta = torch.zeros(site.out_features, site.in_features, dtype=torch.float32, device=w0.device)
+    if adapters is None:
+        scale = gm.get_buffer(scale_path(site, state.slot)).float()
+        for block in site.blocks:
+            a = gm.get_parameter(lora_path(site, "lora_A", state.slot, block.index)).detach().float()
+            b = gm.get_parameter(lora_path(site, "lora_B", state.slot, block.index)).detach().float()
+            delta[block.start:block.stop] += (b * scale) @ a
+    else:
+        for name, weight in adapter_mix(state, adapters).items():
+            adapter = state.adapters[name]
+            if site.param not in adapter.ranks:
+                continue
+            pairs = adapter_weights(gm, name)[site.param]
+            for block, (a, b) in zip(site.blocks, pairs):
+                delta[block.start:block.stop] += (weight * adapter.scaling(site.param)) * (b.float() @ a.float())
     return delta.t() if site.layout == "in_out" else delta
+
+
+def adapter_mix(state, adapters) -> dict[str, float]:
+    """{name: weight} from a name, a list of names (weight 1 each) or a dict."""
+    mix = {adapters: 1.0} if isinstance(adapters, str) else (
+        dict(adapters) if isinstance(adapters, dict) else {n: 1.0 for n in adapters})
+    unknown = [n for n in mix if n not in state.adapters]
+    if unknown or not mix:
+        raise FoldError(f"cannot fold adapters {list(mix)}: this graph has {sorted(state.adapters)}")
+    return {n: float(w) for n, w in mix.items()}
 
 
 def _check_not_shared(graph: torch.fx.Graph, site: Site, names: set[str]) -> None:
@@ -49,9 +76,11 @@ def _check_not_shared(graph: torch.fx.Graph, site: Site, names: set[str]) -> Non
                 )
 
 
-def merge_lora(gm: LoraGraphModule) -> LoraGraphModule:
-    """Fold every LoRA update into its base weight; return a new graph module equal to the capture.
+def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
+    """Fold the LoRA update into each base weight; return a new graph module equal to the capture.
 
+    adapters: None folds what the graph computes now (the active adapters); a name, a list of names
+    or {name: weight} folds that (weighted) sum of adapters instead.
     scaling * B @ A is accumulated in fp32 and cast once to W0's dtype. The adapted weights are new
     tensors; other weights are shared with `gm`, except trainable copies, which are cloned, so `gm`
     can keep training without changing the folded module. Folding a folded module returns an equal
@@ -69,10 +98,12 @@ def merge_lora(gm: LoraGraphModule) -> LoraGraphModule:
         names_by_param.setdefault(id(p), set()).add(name)
 
     folded: dict[str, torch.Tensor] = {}
-    for site in state.sites if not state.folded else []:
+    if adapters is not None and not state.folded:
+        adapter_mix(state, adapters)  # unknown names fail before any work
+    for site in state.sites.values() if not state.folded else []:
         w0 = gm.get_parameter(site.param)
         _check_not_shared(graph, site, names_by_param[id(w0)])
-        delta = delta_weight(gm, site, state.adapter)
+        delta = delta_weight(gm, site, adapters)
         if not torch.isfinite(delta).all():
             raise FoldError(
                 f"LoRA weights of {site.param} hold NaN or inf; folding would corrupt the weight. "
@@ -80,12 +111,7 @@ def merge_lora(gm: LoraGraphModule) -> LoraGraphModule:
             )
         folded[site.param] = (w0.detach().float() + delta).to(w0.dtype)
 
-    for node in graph.nodes:
-        if node.meta.get(LORA_META, {}).get("role") == "combine":
-            node.replace_all_uses_with(node.args[0])
-    for node in reversed(lora_nodes(graph)):
-        graph.erase_node(node)
-    graph.lint()
+    strip_lora(graph)
 
     new = LoraGraphModule(gm, graph)
     for node in new.graph.find_nodes(op="call_module"):  # own mode switches (dropout)
@@ -107,7 +133,6 @@ def merge_lora(gm: LoraGraphModule) -> LoraGraphModule:
         set_parameter(new, name, replaced[id(p)])
     new._lora = copy.copy(state)
     new._lora.folded = True
-    new._lora.sites = list(state.sites)
     new.recompile()
     new.train(gm.training)
     return new

@@ -1,47 +1,20 @@
 """inject_lora: capture -> match -> rewrite, as one call."""
 from __future__ import annotations
 
-import copy
 import numbers
-from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 from torch import nn
 
 from ._modules import copy_graph, resolve, set_module, set_parameter
+from .adapters import Adapter, LoraConfig, LoraState, relayout, resolve_ranks
 from .capture import capture
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule
-from .match import Match, NearMiss, Site, match_weights, parse_targets
+from .match import Match, NearMiss, match_weights, parse_targets, rematch
 from .report import InjectReport, SiteRow
-from .rewrite import insert_lora, install_lora_modules, lora_path, make_lora_modules
+from .rewrite import init_weights, insert_lora
 
 INITS = ("gaussian", "kaiming")
-
-
-@dataclass
-class LoraConfig:
-    targets: Any
-    rank: int
-    alpha: float
-    dropout: float
-    init: str
-    trainable: tuple[str, ...]
-
-
-@dataclass
-class LoraState:
-    """LoRA's bookkeeping on an injected graph module (shared with its variants)."""
-
-    adapter: str
-    config: LoraConfig
-    sites: list[Site]
-    trainable_modules: list[str]
-    report: InjectReport | None = None
-    folded: bool = False
-    exclude: str | None = None  # output layer left out of "all-linear"
-    extra: dict = field(default_factory=dict)
 
 
 def check_hparams(rank, alpha, dropout, init) -> None:
@@ -66,12 +39,16 @@ def inject_lora(
     trainable=(),
     example_inputs=None,
     adapter: str = "default",
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    weights: dict | None = None,
 ) -> LoraGraphModule:
     """Capture `model` and add LoRA beside every weight `targets` names.
 
     targets: a list of module names (a path matches when equal or ending with "." + name), a regex
     full-matched against module paths, "all-linear", or a dict {name: blocks} that adapts only some
     row blocks of a fused projection ([True, False, True] or [(rows, True), ...]).
+    rank_pattern / alpha_pattern: PEFT's per-module overrides ({"v_proj": 16}).
     Only LoRA weights (and the modules named in `trainable`, which are copied) require grad; base
     weights are shared with `model`, never copied; `model` itself is left as it was.
     The report of what was done is `gm.lora_report`.
@@ -79,12 +56,16 @@ def inject_lora(
     check_hparams(rank, alpha, dropout, init)
     spec = parse_targets(targets)
     trainable = _as_names(trainable)
+    if not isinstance(adapter, str) or not adapter or "." in adapter:
+        raise ConfigError(f"adapter name must be a non-empty string without dots, got {adapter!r}")
+    config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable), dict(rank_pattern or {}),
+                        dict(alpha_pattern or {}))
     if isinstance(model, LoraGraphModule):
         if model._lora is not None:
             raise TargetError(
                 "this graph already has LoRA"
                 + (" (folded)" if model._lora.folded else f" on {len(model._lora.sites)} weights")
-                + "; inject into the original model, or fold first with merge_lora"
+                + "; inject into the original model, add another adapter with add_adapter, or fold first"
             )
         gm = copy_graph_module(model)
         source = model._capture.source if model._capture else None
@@ -92,25 +73,54 @@ def inject_lora(
         source = model
         gm = capture(model, example_inputs)
     exclude = output_layer(source)
-    matches, near = match_weights(gm, spec, rank=rank, alpha=alpha, exclude=exclude)
-    trainable_paths = _trainable_paths(gm, trainable, {m.site.owner for m in matches})
+    matches, near = match_weights(gm, spec, exclude=exclude)
+    sites = [m.site for m in matches]
+    ranks, alphas = resolve_ranks(sites, config)
+    trainable_paths = _trainable_paths(gm, trainable, {s.owner for s in sites})
+    if weights is not None:
+        check_weights(weights, sites, ranks)
 
     # Everything is validated: from here on only the new graph module changes.
     _freeze(gm, trainable_paths)
-    for m in matches:
-        lora_a, lora_b = make_lora_modules(m.site, gm.get_parameter(m.site.param), init)
-        install_lora_modules(gm, m.site, adapter, lora_a, lora_b, nn.Dropout(dropout) if dropout else None)
-    counts = insert_lora(gm, matches, adapter, dropout > 0)
-    config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable))
-    gm._lora = LoraState(adapter, config, [m.site for m in matches], trainable_paths, exclude=exclude)
+    if weights is None:
+        weights = {s.param: init_weights(s, ranks[s.param], init, gm.get_parameter(s.param)) for s in sites}
+    gm._lora = LoraState(
+        slot=adapter, sites={s.param: s for s in sites},
+        adapters={adapter: Adapter(adapter, config, ranks, alphas, weights)}, active=[adapter],
+        trainable_modules=trainable_paths, exclude=exclude, near_misses=near,
+    )
+    counts = relayout(gm)
     gm._lora.report = _report(gm, matches, near, counts)
     gm.train(source.training if source is not None else False)
     return gm
 
 
+def check_weights(weights: dict, sites, ranks) -> None:
+    """Given adapter weights ({weight name: [(A, B) per block]}) fit the sites exactly."""
+    by_param = {s.param: s for s in sites}
+    missing = sorted(set(by_param) - set(weights))
+    extra = sorted(set(weights) - set(by_param))
+    if missing or extra:
+        raise TargetError(f"adapter weights do not fit the model: missing for {missing[:5]}, unexpected for {extra[:5]}")
+    for param, pairs in weights.items():
+        site = by_param[param]
+        if len(pairs) != len(site.blocks):
+            raise TargetError(f"{param}: {len(pairs)} weight blocks given, {len(site.blocks)} expected")
+        r = ranks[param]
+        for block, (a, b) in zip(site.blocks, pairs):
+            want_a, want_b = (r, site.in_features), (block.stop - block.start, r)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise TargetError(
+                    f"{param}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit this model, which "
+                    f"needs {want_a} / {want_b} (wrong base model, or wrong rank?)"
+                )
+
+
 def copy_graph_module(gm: LoraGraphModule) -> LoraGraphModule:
     """A new graph module over a copy of `gm`'s graph, sharing its weights; stateless modules (dropout)
     are copied so the two switch train/eval independently."""
+    import copy
+
     new = LoraGraphModule(gm, copy_graph(gm.graph))
     for node in new.graph.find_nodes(op="call_module"):
         module = new.get_submodule(node.target)
@@ -163,7 +173,6 @@ def _trainable_paths(gm: nn.Module, names: list[str], adapted_owners: set[str]) 
     clash = sorted(o for o in adapted_owners if any(o == p or o.startswith(p + ".") for p in paths))
     if clash:
         raise TargetError(f"{clash} are both LoRA targets and fully trainable; name each module in one of the two")
-    # keep only top-level matches
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
@@ -186,10 +195,10 @@ def _freeze(gm: nn.Module, trainable_paths: list[str]) -> None:
 
 def _report(gm, matches: list[Match], near: list[NearMiss], counts) -> InjectReport:
     state: LoraState = gm._lora
-    cfg = state.config
+    adapter = state.adapters[state.slot]
+    cfg = adapter.config
     unique = {id(p): p for p in gm.parameters()}
-    lora = sum(gm.get_parameter(lora_path(m.site, w, state.adapter, b.index)).numel()
-               for m in matches for w in ("lora_A", "lora_B") for b in m.site.blocks)
+    lora = sum(p.numel() for n, p in gm.named_parameters() if ".lora_A." in n or ".lora_B." in n)
     rows = []
     for m in matches:
         s = m.site
@@ -202,7 +211,7 @@ def _report(gm, matches: list[Match], near: list[NearMiss], counts) -> InjectRep
     if counts.get("weight"):
         notes.append(f"{counts['weight']} uses adapted as W + scaling*B@A (their op is not a product with an activation); LoRA dropout does not apply to them")
     return InjectReport(
-        adapter=state.adapter, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
+        adapter=state.slot, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
         sites=rows, counters=dict(counts),
         trainable_params=sum(p.numel() for p in unique.values() if p.requires_grad),
         total_params=sum(p.numel() for p in unique.values()),
@@ -227,16 +236,14 @@ def build_variant(primary: LoraGraphModule, inputs: dict) -> LoraGraphModule:
             parent, _, leaf = name.rpartition(".")
             variant.get_submodule(parent)._buffers[leaf] = buf
     if state is not None and not state.folded:
-        spec = parse_targets(state.config.targets)
-        matches, _ = match_weights(variant, spec, rank=state.config.rank, alpha=state.config.alpha, exclude=state.exclude)
-        by_param = {s.param: s for s in state.sites}
-        matches = [Match(by_param[m.site.param], m.uses, m.left_alone) for m in matches if m.site.param in by_param]
-        for m in matches:
-            for which in ("lora_A", "lora_B", "lora_dropout"):
-                module = resolve(primary, f"{m.site.holder}.{which}")
+        sites = list(state.sites.values())
+        for site in sites:
+            for which in ("lora_A", "lora_B", "lora_scaling", "lora_dropout"):
+                module = resolve(primary, f"{site.holder}.{which}")
                 if module is not None:
-                    set_module(variant, f"{m.site.holder}.{which}", module)
-        insert_lora(variant, matches, state.adapter, state.config.dropout > 0)
+                    set_module(variant, f"{site.holder}.{which}", module)
+        dropout = {s.param for s in sites if resolve(primary, f"{s.holder}.lora_dropout.{state.slot}") is not None}
+        insert_lora(variant, rematch(variant, sites), state.slot, dropout)
     variant._lora = state
     variant._capture.source = cap.source
     return variant

@@ -49,12 +49,10 @@ class Site:
     out_features: int
     blocks: tuple[Block, ...]  # rows that get an update
     fused: bool  # blocks come from a fused-projection spec (named per block)
-    rank: int
-    alpha: float
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
+    def max_rank(self) -> int:
+        """The largest rank a LoRA update of this weight can have: min(in, rows) over blocks."""
+        return min(min(self.in_features, b.stop - b.start) for b in self.blocks)
 
 
 @dataclass
@@ -235,12 +233,48 @@ def _in_stack(node: torch.fx.Node, path: str) -> bool:
     return any(p == path for p, _ in stack.values())
 
 
+def _get_attrs(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+    found: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.find_nodes(op="get_attr"):
+        found.setdefault(node.target, []).append(node)
+    return found
+
+
+def _uses(get_attrs: dict, names: list[str], owner: str):
+    """Uses of the weight known by `names` that belong to module `owner`: (uses, tables, left_alone)."""
+    nodes = [n for alias in names for n in get_attrs.get(alias, [])]
+    uses, tables = classify(nodes)
+    left_alone = []
+    if len(names) > 1:  # tied weight: adapt only the consumers traced inside the matched module
+        mine = [u for u in uses if _in_stack(u.node, owner)]
+        others = [u for u in uses if u not in mine]
+        left_alone = [f"{u.node.name} ({u.node.target}) belongs to another module sharing this weight" for u in others]
+        left_alone += [f"{t.name} ({t.target}) reads this tied weight as a table" for t in tables]
+        if mine:
+            uses, tables = mine, []
+    return uses, tables, left_alone
+
+
+def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
+    """The uses of already-chosen sites in a graph without LoRA nodes (a re-layout, or a capture of
+    the same model for other inputs)."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(p), []).append(name)
+    get_attrs = _get_attrs(gm.graph)
+    matches = []
+    for site in sites:
+        names = names_by_param.get(id(gm.get_parameter(site.param)), [site.param])
+        uses, _, left_alone = _uses(get_attrs, names, site.owner)
+        if uses:
+            matches.append(Match(site, uses, left_alone))
+    return matches
+
+
 def match_weights(
     gm: nn.Module,
     spec: TargetSpec,
     *,
-    rank: int,
-    alpha: float,
     exclude: str | None = None,
 ) -> tuple[list[Match], list[NearMiss]]:
     """Every weight of `gm` that `spec` adapts, with its uses; and the near misses.
@@ -252,9 +286,7 @@ def match_weights(
     for name, p in gm.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(p), []).append(name)
         params[id(p)] = p
-    get_attrs: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.find_nodes(op="get_attr"):
-        get_attrs.setdefault(node.target, []).append(node)
+    get_attrs = _get_attrs(gm.graph)
 
     matches: list[Match] = []
     near: list[NearMiss] = []
@@ -284,16 +316,7 @@ def match_weights(
                     if leaf == "weight" or p.dim() > 2:
                         near.append(NearMiss(key, name, f"is {p.dim()}-D {tuple(p.shape)}; LoRA adapts 2-D weights consumed by linear-like ops"))
                 continue
-            nodes = [n for alias in names for n in get_attrs.get(alias, [])]
-            uses, tables = classify(nodes)
-            left_alone = []
-            if len(names) > 1:  # tied weight: adapt only the consumers traced inside the matched module
-                mine = [u for u in uses if _in_stack(u.node, owner)]
-                others = [u for u in uses if u not in mine]
-                left_alone = [f"{u.node.name} ({u.node.target}) belongs to another module sharing this weight" for u in others]
-                left_alone += [f"{t.name} ({t.target}) reads this tied weight as a table" for t in tables]
-                if mine:
-                    uses, tables = mine, []
+            uses, tables, left_alone = _uses(get_attrs, names, owner)
             if not uses and tables:
                 if not spec.all_linear:
                     near.append(NearMiss(key, name, f"is read as a table by {tables[0].target} (an embedding), not by a linear-like op; LoRA here adapts linear layers only"))
@@ -313,16 +336,9 @@ def match_weights(
             layout = layouts.pop() if layouts else "out_in"  # only weight-form uses: PyTorch's [out, in]
             out_f, in_f = (p.shape[0], p.shape[1]) if layout == "out_in" else (p.shape[1], p.shape[0])
             blocks, fused = parse_blocks(spec.blocks.get(key), out_f, name)
-            for b in blocks:
-                limit = min(in_f, b.stop - b.start)
-                if rank > limit:
-                    raise ConfigError(
-                        f"rank {rank} is larger than min(in={in_f}, out={b.stop - b.start}) = {limit} "
-                        f"of {name}{f' block {b.index}' if fused else ''}; choose rank <= {limit}"
-                    )
             two_d = [leaf_ for leaf_ in owners_seen.get(owner, []) if gm.get_parameter(f"{owner}.{leaf_}" if owner else leaf_).dim() == 2]
             holder = owner if (leaf == "weight" or two_d == [leaf]) else f"{owner}.{leaf}_lora".lstrip(".")
-            site = Site(name, owner, holder, layout, int(in_f), int(out_f), blocks, fused, rank, float(alpha))
+            site = Site(name, owner, holder, layout, int(in_f), int(out_f), blocks, fused)
             matches.append(Match(site, uses, left_alone))
             adapted_keys.add(key)
             break  # one site per parameter, under the first of its names that matched

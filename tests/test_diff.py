@@ -20,8 +20,8 @@ def test_injection_shows_added_nodes_and_rewired_consumers():
     gm = lora_fx.inject_lora(model, ["q_proj"], rank=2, example_inputs=IDS)
     d = lora_fx.graph_diff(base, gm)
     assert not d.identical and not d.removed
-    # per adapted use: get_attr A, linear, get_attr B, linear, mul, add
-    assert len(d.added) == 2 * 6
+    # per adapted use: get_attr scale, get_attr A, linear, mul, get_attr B, linear, add
+    assert len(d.added) == 2 * 7
     assert sum("get_attr model.layers" in a and "lora_A.default.weight" in a for a in d.added) == 2
     assert len(d.changed) == 2  # the consumer of each q_proj output now reads the LoRA sum
     text = str(d)
