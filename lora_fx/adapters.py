@@ -228,6 +228,10 @@ def add_adapter(gm, name: str, targets=None, *, rank: int = 8, alpha: float = 16
         if site.blocks != m.site.blocks:
             raise ConfigError(f"{site.param} is adapted with other row blocks by another adapter; use the same blocks")
     ranks, alphas = resolve_ranks(sites, config)
+    if weights is not None:
+        from .inject import check_weights
+
+        check_weights(weights, sites, ranks)
     if weights is None:
         weights = {s.param: init_weights(s, ranks[s.param], init, gm.get_parameter(s.param)) for s in sites}
     _write_back(gm)
@@ -298,3 +302,19 @@ def _base_copy(gm):
     base = LoraGraphModule(gm, graph)
     return base
 
+
+
+def size_report(gm, adapter_dir=None, name: str | None = None) -> dict:
+    """Bytes of one adapter (on disk when `adapter_dir` is given, else in memory) against the base
+    model's frozen weights."""
+    state = _state(gm)
+    frozen = {id(p): p for p in gm.parameters() if not p.requires_grad}
+    base = sum(p.numel() * p.element_size() for p in frozen.values())
+    if adapter_dir is not None:
+        from pathlib import Path
+
+        adapter = sum(f.stat().st_size for f in Path(adapter_dir).iterdir() if f.is_file())
+    else:
+        adapter = sum(t.numel() * t.element_size() for t in lora_state_dict(gm, name).values())
+    return {"adapter_bytes": adapter, "base_bytes": base, "adapter_share": adapter / max(base, 1),
+            "adapters": sorted(state.adapters)}

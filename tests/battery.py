@@ -19,12 +19,13 @@ class Built:
         self.batch = case.batch(self.model, B1, S1)
         self.snap = snapshot(self.model)
         self.base = lora_fx.capture(self.model, self.batch)
-        self.gm = self.inject()  # at init: B = 0
+        # from the model itself once; later injections reuse the capture (same graph, no re-trace)
+        self.gm = lora_fx.inject_lora(self.model, case.targets, rank=4, alpha=8, trainable=case.trainable,
+                                      example_inputs=self.batch)  # at init: B = 0
         self.gm.eval()
 
     def inject(self, **kw):
-        return lora_fx.inject_lora(self.model, self.case.targets, rank=4, alpha=8,
-                                   trainable=self.case.trainable, example_inputs=self.batch, **kw)
+        return lora_fx.inject_lora(self.base, self.case.targets, rank=4, alpha=8, trainable=self.case.trainable, **kw)
 
     def random_b(self):
         """An injected graph with random A and B (built once; tests must not change it)."""

@@ -1,0 +1,345 @@
+"""Adapters as files, in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Keys are PEFT's (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads
+what `save_adapter` writes and `load_adapter` reads what PEFT's `save_pretrained` writes. Only
+safetensors is read: a pickle file is never opened. Everything is validated before anything changes.
+Writes go to temporary files that replace the old ones only once complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, LoraFxError, TargetError
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt", "pytorch_model.bin")
+MAX_CONFIG_BYTES = 1 << 20
+_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<block>block\d+))?\.weight$")
+
+# adapter_config.json fields lora-fx reads, and fields that are harmless metadata
+USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
+        "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights"}
+IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
+           "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
+           "qalora_group_size", "lora_ga_config", "kasa_config", "monteclora_config", "velora_config"}
+# fields that change the adapter's math: accepted only at their neutral value
+NEUTRAL = {"bias": "none", "use_dora": False, "lora_bias": False, "layers_to_transform": None,
+           "layers_pattern": None, "exclude_modules": None, "target_parameters": None, "use_qalora": False,
+           "trainable_token_indices": None, "layer_replication": None, "alora_invocation_tokens": None,
+           "arrow_config": None, "megatron_config": None, "use_bdlora": None}
+
+
+class AdapterFileError(LoraFxError, ValueError):
+    """An adapter folder or file is missing, unsafe, corrupt or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_adapter(gm, directory, name: str | None = None) -> Path:
+    """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder."""
+    from safetensors.torch import save_file
+
+    from .adapters import _state, lora_state_dict
+
+    state = _state(gm)
+    name = name or (state.active[0] if state.active else state.slot)
+    if name not in state.adapters:
+        raise TargetError(f"no adapter named {name!r}; adapters: {sorted(state.adapters)}")
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        raise AdapterFileError(f"cannot save to {directory}: its parent {directory.parent} does not exist; create it first")
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(f"cannot save to {directory}: it is a file, not a directory")
+    adapter = state.adapters[name]
+    config = peft_config(gm, name)
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    tensors = {}
+    for key, value in lora_state_dict(gm, name).items():
+        if f".lora_A.{name}." in key or f".lora_B.{name}." in key:
+            key = key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.")
+        tensors[PREFIX + key] = value.detach().to("cpu").contiguous()
+    del adapter
+    metadata = {"format": "pt", "lora_fx_config": fingerprint(config)}
+    try:
+        directory.mkdir(exist_ok=True)
+        weights_tmp = _tmp(directory, WEIGHTS)
+        save_file(tensors, weights_tmp, metadata=metadata)
+        config_tmp = _tmp(directory, CONFIG)
+        Path(config_tmp).write_bytes(config_bytes)
+        for tmp in (weights_tmp, config_tmp):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        # weights first: a crash between the two renames is caught at load by the checksum
+        os.replace(weights_tmp, directory / WEIGHTS)
+        os.replace(config_tmp, directory / CONFIG)
+    except PermissionError as e:
+        raise AdapterFileError(f"cannot write the adapter to {directory}: {e.strerror}; choose a writable directory") from None
+    finally:
+        for leftover in directory.glob(".lora-fx-tmp-*") if directory.is_dir() else []:
+            leftover.unlink(missing_ok=True)
+    return directory
+
+
+def fingerprint(config: dict) -> str:
+    """A hash of the config fields that must agree with the weights (not of the bytes: editing
+    base_model_name_or_path by hand is fine)."""
+    keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "use_rslora",
+            "lora_fx_blocks")
+    return hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+
+
+def _tmp(directory: Path, name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f".lora-fx-tmp-{name}-", dir=directory)
+    os.close(fd)
+    return path
+
+
+def peft_config(gm, name: str) -> dict:
+    """The adapter_config.json PEFT expects for adapter `name`."""
+    state = gm._lora
+    adapter = state.adapters[name]
+    sites = [state.sites[p] for p in adapter.ranks]
+    r = max(set(adapter.ranks.values()), key=list(adapter.ranks.values()).count)
+    alpha = max(set(adapter.alphas.values()), key=list(adapter.alphas.values()).count)
+    source = gm._capture.source if gm._capture else None
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": adapter.config.dropout,
+        "target_modules": sorted(s.owner for s in sites),
+        "rank_pattern": {re.escape(s.owner): adapter.ranks[s.param] for s in sites if adapter.ranks[s.param] != r},
+        "alpha_pattern": {re.escape(s.owner): adapter.alphas[s.param] for s in sites if adapter.alphas[s.param] != alpha},
+        "modules_to_save": list(state.trainable_modules) or None,
+        "fan_in_fan_out": any(s.layout == "in_out" for s in sites),
+        "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" else True,
+        "bias": "none", "use_rslora": bool(getattr(adapter.config, "rslora", False)), "use_dora": False,
+        "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
+    }
+    blocks = {s.owner: _block_spec(s) for s in sites if s.fused}
+    if blocks:  # not representable in PEFT: only lora-fx reads these adapters
+        config["lora_fx_blocks"] = blocks
+    return config
+
+
+def _block_spec(site) -> list[list]:
+    """The fused-block spec [(rows, adapted), ...] a site was matched with, disabled blocks included."""
+    edges = sorted({0, site.out_features} | {b.start for b in site.blocks} | {b.stop for b in site.blocks})
+    adapted = {(b.start, b.stop) for b in site.blocks}
+    return [[hi - lo, (lo, hi) in adapted] for lo, hi in zip(edges, edges[1:])]
+
+
+# ---------------------------------------------------------------------------------------------- load
+def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Validated (config, tensors) from an adapter folder. Raises AdapterFileError before anything
+    else happens when a file is missing, is a pickle, is corrupt, or holds fields lora-fx cannot honour."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"no adapter folder at {directory}")
+    weights, config_path = directory / WEIGHTS, directory / CONFIG
+    if not weights.is_file():
+        pickles = [p for p in PICKLES if (directory / p).exists()]
+        if pickles:
+            raise AdapterFileError(
+                f"{directory} holds {pickles[0]}, a pickle file, which lora-fx never loads (unpickling can run "
+                f"code). Convert it to {WEIGHTS} where you trust it, e.g. with safetensors.torch.save_file."
+            )
+        raise AdapterFileError(f"{directory} has no {WEIGHTS}")
+    if not config_path.is_file():
+        raise AdapterFileError(f"{directory} has no {CONFIG}")
+    raw = config_path.read_bytes()
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{config_path} is {len(raw)} bytes; an adapter config is a few KB")
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path} must hold a JSON object")
+    config = validate_config(config, config_path)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    expected = metadata.get("lora_fx_config")
+    if expected and expected != fingerprint(json.loads(raw)):
+        raise AdapterFileError(
+            f"{config_path} does not match {weights}: they were written by different saves (a save "
+            "interrupted between the two files, or r / lora_alpha / targets edited by hand); save again"
+        )
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"unexpected key {key!r} in {weights}: PEFT keys start with {PREFIX!r}")
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{key} in {weights} has dtype {t.dtype}; adapter weights are floating point")
+    return config, tensors
+
+
+def validate_config(config: dict, where) -> dict:
+    unknown = {k: v for k, v in config.items() if k not in USED | IGNORED | set(NEUTRAL)}
+    hostile = {k: v for k, v in unknown.items() if v not in (None, False, {}, [], "", 0)}
+    if hostile:
+        raise AdapterFileError(
+            f"{where} has fields lora-fx does not know and cannot tell are harmless: {sorted(hostile)}. "
+            "Remove them if they do not change the adapter, or use PEFT for this adapter."
+        )
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown fields at neutral values: {sorted(unknown)}", stacklevel=3)
+    for key, neutral in NEUTRAL.items():
+        value = config.get(key, neutral)
+        if value != neutral and not (neutral is None and value in ({}, [], False)):
+            raise AdapterFileError(f"{where}: {key}={value!r} is not supported by lora-fx (only {neutral!r})")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA")
+
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not positive_int(r):
+        raise AdapterFileError(f"{where}: r must be a positive int, got {r!r}")
+    if not positive(alpha):
+        raise AdapterFileError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise AdapterFileError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise AdapterFileError(f"{where}: target_modules must be a regex string or a list of module names, got {targets!r}")
+    for key, check in (("rank_pattern", positive_int), ("alpha_pattern", positive)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
+            raise AdapterFileError(f"{where}: {key} must map module names to positive numbers, got {pattern!r}")
+        for k in pattern:
+            try:
+                re.compile(k)
+            except re.error:
+                raise AdapterFileError(f"{where}: {key} key {k!r} is not a valid pattern") from None
+    modules = config.get("modules_to_save") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise AdapterFileError(f"{where}: modules_to_save must be a list of module names, got {modules!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterFileError(f"{where}: use_rslora must be true or false")
+    return {
+        "r": r, "lora_alpha": float(alpha), "lora_dropout": float(dropout), "target_modules": targets,
+        "rank_pattern": dict(config.get("rank_pattern") or {}), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
+        "modules_to_save": modules, "use_rslora": config.get("use_rslora", False),
+        "blocks": config.get("lora_fx_blocks") or {},
+    }
+
+
+def _weights_for(sites, tensors: dict[str, torch.Tensor], directory) -> tuple[dict, dict[str, int]]:
+    """Map file tensors to sites: ({weight name: [(A, B) per block]}, {weight name: rank}); every
+    site must have its tensors and every LoRA tensor must belong to a site."""
+    by_holder = {s.holder: s for s in sites}
+    found: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    extra = []
+    for key, t in tensors.items():
+        m = _KEY.match(key[len(PREFIX):])
+        if m is None:
+            continue  # modules_to_save weights: checked by the caller
+        site = by_holder.get(m["holder"])
+        index = int(m["block"][5:]) if m["block"] else 0
+        if site is None or (m["block"] is None) == site.fused or index not in {b.index for b in site.blocks}:
+            extra.append(key)
+            continue
+        found.setdefault(site.param, {})[(m["which"], index)] = t
+    missing = [s.holder for s in sites if s.param not in found or len(found[s.param]) != 2 * len(s.blocks)]
+    if missing or extra:
+        raise AdapterFileError(
+            f"{directory} does not fit this model: " + "; ".join(filter(None, [
+                f"missing LoRA weights for {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "",
+                f"unexpected keys {extra[:4]}{' ...' if len(extra) > 4 else ''}" if extra else ""]))
+            + ". Is it an adapter for another base model?"
+        )
+    weights, ranks = {}, {}
+    for site in sites:
+        pairs = [(found[site.param][("lora_A", b.index)], found[site.param][("lora_B", b.index)]) for b in site.blocks]
+        ranks[site.param] = pairs[0][0].shape[0]
+        weights[site.param] = pairs
+    return weights, ranks
+
+
+def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None):
+    """Load an adapter folder (PEFT's or lora-fx's). Given an untouched model, capture it, inject the
+    adapter's targets and return the graph module; given a graph module with LoRA, add the adapter
+    under `name` (not active until set_adapter) and return it."""
+    from .adapters import add_adapter, pattern_value
+    from .capture import capture
+    from .graph_module import LoraGraphModule
+    from .inject import inject_lora, output_layer
+    from .match import match_weights, parse_targets
+
+    config, tensors = read_adapter(directory)
+    targets = config["target_modules"]
+    if config["blocks"]:
+        targets = {t: True for t in ([targets] if isinstance(targets, str) else targets)}
+        targets.update(config["blocks"])
+    injected = isinstance(gm_or_model, LoraGraphModule) and gm_or_model._lora is not None
+    if injected:
+        if gm_or_model._lora.folded:
+            raise AdapterFileError("cannot load an adapter into a folded graph; load it into the model instead")
+        from .adapters import _base_copy
+
+        base = _base_copy(gm_or_model)
+        source = gm_or_model._capture.source if gm_or_model._capture else None
+    else:  # capture once: matching and injection both use this graph
+        base = gm_or_model if isinstance(gm_or_model, LoraGraphModule) else capture(gm_or_model, example_inputs)
+        source = base._capture.source if base._capture else None
+    try:
+        matches, _ = match_weights(base, parse_targets(targets), exclude=output_layer(source))
+    except (TargetError, ConfigError) as e:
+        raise AdapterFileError(f"the adapter in {directory} does not fit this model: {e}") from None
+    sites = [m.site for m in matches]
+    weights, ranks = _weights_for(sites, tensors, directory)
+    rank_pattern = {s.owner: ranks[s.param] for s in sites}
+    alpha_pattern = {s.owner: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
+    for s in sites:  # the file's shapes must agree with its own config
+        want = pattern_value(config["rank_pattern"], s.owner, config["r"])
+        if ranks[s.param] != want:
+            raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
+    if config["use_rslora"]:  # rsLoRA scales by alpha / sqrt(r): express it as an alpha for alpha / r
+        alpha_pattern = {k: v * math.sqrt(rank_pattern[k]) for k, v in alpha_pattern.items()}
+    exact = {re.escape(k): v for k, v in rank_pattern.items()}
+    exact_alpha = {re.escape(k): v for k, v in alpha_pattern.items()}
+    saved = {k[len(PREFIX):]: v for k, v in tensors.items() if _KEY.match(k[len(PREFIX):]) is None}
+    kwargs = dict(rank=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
+                  rank_pattern=exact, alpha_pattern=exact_alpha, weights=weights)
+    if injected:
+        if saved:
+            raise AdapterFileError(f"{directory} also holds full module weights (modules_to_save); load it into the model instead")
+        add_adapter(gm_or_model, name, targets, **kwargs)
+        return gm_or_model
+    gm = inject_lora(base, targets, trainable=config["modules_to_save"], adapter=name, **kwargs)
+    _load_trainable(gm, saved, directory)
+    return gm
+
+
+def _load_trainable(gm, saved: dict[str, torch.Tensor], directory) -> None:
+    params = dict(gm.named_parameters())
+    trainable = [n for n in params if any(n.startswith(t + ".") for t in gm._lora.trainable_modules)]
+    unknown = [k for k in saved if k not in trainable]
+    missing = [k for k in trainable if k not in saved]
+    bad = [k for k in saved if k in params and tuple(saved[k].shape) != tuple(params[k].shape)]
+    if unknown or missing or bad:
+        raise AdapterFileError(f"{directory}: modules_to_save weights do not fit: unexpected {unknown[:3]}, "
+                               f"missing {missing[:3]}, wrong shape {bad[:3]}")
+    with torch.no_grad():
+        for k, v in saved.items():
+            params[k].copy_(v)

@@ -1,0 +1,349 @@
+"""Adapters as files (PEFT's format, both ways) and several adapters in one graph."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lora_fx
+from helpers import first_tensor, max_abs, randomize_lora
+from test_capture import tiny_llama
+
+IDS = {"input_ids": torch.randint(0, 64, (2, 7))}
+
+
+# ------------------------------------------------------------------------ PEFT round trips (table)
+def test_ours_to_peft_and_back(built, tmp_path):
+    """inject (gaussian and kaiming, with and without rank_pattern) -> save -> PEFT loads -> same outputs."""
+    if built.case.peft is None:
+        pytest.skip("PEFT does not support these targets")
+    from peft import PeftModel
+
+    first = built.case.peft["target_modules"][0]
+    for i, kw in enumerate([dict(init="gaussian"), dict(init="kaiming", rank_pattern={first: 2}, alpha_pattern={first: 3})]):
+        gm = built.inject(**kw)
+        randomize_lora(gm, seed=i)
+        gm.eval()
+        d = lora_fx.save_adapter(gm, tmp_path / f"ours{i}")
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(built.model), d).eval()
+        again = lora_fx.load_adapter(built.base, d).eval()
+        with torch.no_grad():
+            ours = gm(**built.batch)
+            assert max_abs(ours, _peft_out(peft_model, built.batch)) <= 1e-5
+            assert max_abs(ours, again(**built.batch)) == 0
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", True])
+def test_peft_to_ours(built, tmp_path, init):
+    """PEFT save_pretrained (init_lora_weights varied; rank_pattern when init is False) -> load_adapter."""
+    if built.case.peft is None:
+        pytest.skip("PEFT does not support these targets")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    kw = dict(built.case.peft)
+    if init is False:
+        kw["rank_pattern"] = {kw["target_modules"][0]: 2}
+    peft_model = get_peft_model(copy.deepcopy(built.model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, **kw))
+    with torch.no_grad():  # True and "gaussian" start with B = 0: make the adapter do something
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name and init is not False:
+                p.normal_(std=0.1)
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    gm = lora_fx.load_adapter(built.base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        ref = _peft_out(peft_model, built.batch)
+        assert max_abs(gm(**built.batch), ref) <= 1e-5
+        assert max_abs(ref, built.model(**built.batch)) > 1e-6  # the adapter is not a no-op
+
+
+def _peft_out(peft_model, batch):
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # see test_7_same_as_peft
+    try:
+        return peft_model(**batch)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+# ------------------------------------------------------------------------ several adapters
+def train(gm, batch, target, steps=15, lr=2e-2):
+    gm.train()
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(first_tensor(gm(**batch)), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    gm.eval()
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """One graph, adapters 'a' (rank 4) and 'b' (rank 2, other targets) trained on different targets."""
+    d = tmp_path_factory.mktemp("adapters")
+    model = tiny_llama()
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, adapter="a", example_inputs=IDS)
+    with torch.no_grad():
+        out = first_tensor(gm(**IDS))
+    targets = {"a": torch.randn_like(out), "b": torch.randn_like(out)}
+    train(gm, IDS, targets["a"])
+    lora_fx.add_adapter(gm, "b", ["v_proj", "o_proj"], rank=2, alpha=4)
+    lora_fx.set_adapter(gm, "b")
+    train(gm, IDS, targets["b"])
+    for name in ("a", "b"):
+        lora_fx.save_adapter(gm, d / name, name)
+    return model, gm, d, pointers
+
+
+def test_switching_equals_each_adapter_alone(two_tasks):
+    model, gm, d, pointers = two_tasks
+    alone = {n: lora_fx.load_adapter(model, d / n, example_inputs=IDS).eval() for n in ("a", "b")}
+    with torch.no_grad():
+        expected = {n: alone[n](**IDS).logits for n in alone}
+        assert max_abs(expected["a"], expected["b"]) > 1e-3
+        for _ in range(5):
+            for n in ("a", "b"):
+                lora_fx.set_adapter(gm, n)
+                assert max_abs(gm(**IDS), expected[n]) <= 1e-6
+    for name, p in model.named_parameters():
+        assert gm.get_parameter(name).data_ptr() == pointers[name] == p.data_ptr()
+    assert lora_fx.active_adapters(gm) == ["b"]
+
+
+def test_summed_adapters_and_weighted_fold(two_tasks):
+    model, gm, _, _ = two_tasks
+    lora_fx.set_adapter(gm, ["a", "b"])
+    with torch.no_grad():
+        both = gm(**IDS).logits
+        folded = lora_fx.merge_lora(gm)  # what the graph computes now: a + b
+        assert max_abs(folded(**IDS), both) <= 1e-5
+        ref = copy.deepcopy(model)
+        for site in gm._lora.sites.values():
+            from lora_fx.fold import delta_weight
+
+            ref.get_parameter(site.param).add_(delta_weight(gm, site, {"a": 1.0, "b": 1.0}))
+        assert max_abs(ref(**IDS), both) <= 1e-5
+        half = lora_fx.merge_lora(gm, adapters={"a": 0.5, "b": 0.5})
+        ref = copy.deepcopy(model)
+        for site in gm._lora.sites.values():
+            ref.get_parameter(site.param).add_(delta_weight(gm, site, {"a": 0.5, "b": 0.5}))
+        assert max_abs(half(**IDS), ref(**IDS)) <= 1e-5
+        only_a = lora_fx.merge_lora(gm, adapters="a")
+        lora_fx.set_adapter(gm, "a")
+        assert max_abs(only_a(**IDS), gm(**IDS)) <= 1e-5
+    with pytest.raises(lora_fx.FoldError, match="cannot fold adapters"):
+        lora_fx.merge_lora(gm, adapters="c")
+
+
+def test_disable_adapters_gives_the_base_model(two_tasks):
+    model, gm, _, _ = two_tasks
+    lora_fx.set_adapter(gm, "a")
+    with torch.no_grad():
+        with lora_fx.disable_adapters(gm):
+            assert max_abs(gm(**IDS), model(**IDS)) == 0
+        assert max_abs(gm(**IDS), model(**IDS)) > 1e-3
+
+
+def test_switching_does_not_recompile(two_tasks):
+    from torch._dynamo.testing import CompileCounter
+
+    model, gm, _, _ = two_tasks
+    lora_fx.set_adapter(gm, "a")
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            for n in ("a", "b", ["a", "b"]):
+                lora_fx.set_adapter(gm, n)
+                assert max_abs(compiled(**IDS), gm(**IDS)) <= 1e-6
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compilations"
+
+
+def test_delete_adapter_and_state_dict(two_tasks, tmp_path):
+    model, gm, d, _ = two_tasks
+    gm2 = lora_fx.load_adapter(model, d / "a", name="a", example_inputs=IDS)
+    lora_fx.load_adapter(gm2, d / "b", name="b")
+    assert sorted(gm2._lora.adapters) == ["a", "b"] and lora_fx.active_adapters(gm2) == ["a"]
+    sd = lora_fx.lora_state_dict(gm2, "b")
+    assert all(".lora_A.b." in k or ".lora_B.b." in k for k in sd) and len(sd) == 2 * 2 * 2
+    assert any("o_proj" in k for k in sd)
+    lora_fx.delete_adapter(gm2, "b")
+    assert list(gm2._lora.sites) == [s for s in gm2._lora.sites if "o_proj" not in s]  # o_proj dropped
+    assert not any("o_proj" in n for n in gm2._lora.sites)
+    with torch.no_grad():
+        a_alone = lora_fx.load_adapter(model, d / "a", example_inputs=IDS)
+        assert max_abs(gm2(**IDS), a_alone(**IDS)) <= 1e-6
+    report = lora_fx.size_report(gm2, d / "a")
+    assert 0 < report["adapter_bytes"] < report["base_bytes"]
+    with pytest.raises(lora_fx.TargetError, match="only adapter"):
+        lora_fx.delete_adapter(gm2, "a")
+
+
+# ------------------------------------------------------------------------ bad files
+@pytest.fixture()
+def saved(tmp_path):
+    model = tiny_llama()
+    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, example_inputs=IDS)
+    randomize_lora(gm)
+    d = lora_fx.save_adapter(gm, tmp_path / "adapter")
+    return model, gm, d
+
+
+def _graph_state(gm):
+    return gm.code, {k: v.clone() for k, v in gm.state_dict().items()}, sorted(gm._lora.adapters)
+
+
+def _assert_same(gm, before):
+    code, sd, adapters = before
+    assert gm.code == code and sorted(gm._lora.adapters) == adapters
+    now = gm.state_dict()
+    assert now.keys() == sd.keys() and all(torch.equal(now[k], v) for k, v in sd.items())
+
+
+def _rewrite_config(d, **changes):
+    import json
+
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("truncate", "not a readable safetensors file"),
+    ("garbage", "not a readable safetensors file"),
+    ("pickle", "pickle file, which lora-fx never loads"),
+    ("no_config", "has no adapter_config.json"),
+    ("bad_json", "not valid JSON"),
+    ("hostile", "cannot tell are harmless"),
+    ("dora", "use_dora=True is not supported"),
+    ("rank", "r must be a positive int"),
+    ("missing_key", "missing LoRA weights"),
+    ("extra_key", "unexpected keys"),
+    ("wrong_rank", "does not match .* written by different saves"),
+    ("foreign_wrong_rank", "rank 4 in the weights but 3 in the config"),
+])
+def test_bad_adapter_files_leave_the_graph_alone(saved, breakage, message):
+    from safetensors.torch import load_file, save_file
+
+    model, gm, d = saved
+    lora_fx.add_adapter(gm, "other", rank=2)
+    before = _graph_state(gm)
+    weights = d / "adapter_model.safetensors"
+    if breakage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif breakage == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif breakage == "pickle":
+        weights.unlink()
+        torch.save({"x": torch.ones(1)}, d / "adapter_model.bin")
+    elif breakage == "no_config":
+        (d / "adapter_config.json").unlink()
+    elif breakage == "bad_json":
+        (d / "adapter_config.json").write_text("{not json")
+    elif breakage == "hostile":
+        _rewrite_config(d, __class__="os.system", eval_code="rm -rf /")
+    elif breakage == "dora":
+        _rewrite_config(d, use_dora=True)
+    elif breakage == "rank":
+        _rewrite_config(d, r="4; import os")
+    elif breakage in ("missing_key", "extra_key"):
+        t = load_file(weights)
+        key = next(iter(t))
+        if breakage == "missing_key":
+            del t[key]
+        else:
+            t[key.replace("q_proj", "k_proj")] = t[key].clone()
+        save_file(t, weights)  # no checksum metadata: a foreign file
+    elif breakage == "wrong_rank":
+        _rewrite_config(d, r=3)
+    elif breakage == "foreign_wrong_rank":  # a PEFT-written pair carries no fingerprint
+        save_file(load_file(weights), weights)
+        _rewrite_config(d, r=3)
+    with pytest.raises(lora_fx.AdapterFileError, match=message):
+        lora_fx.load_adapter(gm, d, name="new")
+    _assert_same(gm, before)
+    with pytest.raises(lora_fx.AdapterFileError, match=message):
+        lora_fx.load_adapter(model, d, example_inputs=IDS)
+
+
+def test_wrong_base_model_is_refused(saved):
+    _, _, d = saved
+    other = tiny_llama(hidden_size=48, intermediate_size=64)
+    with pytest.raises(lora_fx.LoraFxError, match="do not fit this model"):
+        lora_fx.load_adapter(other, d, example_inputs=IDS)
+    gm = lora_fx.inject_lora(other, ["q_proj"], rank=2, example_inputs=IDS)
+    before = _graph_state(gm)
+    with pytest.raises(lora_fx.LoraFxError, match="do not fit this model"):
+        lora_fx.load_adapter(gm, d, name="x")
+    _assert_same(gm, before)
+
+
+def test_save_into_missing_or_readonly_directory(saved, tmp_path):
+    _, gm, _ = saved
+    with pytest.raises(lora_fx.AdapterFileError, match="does not exist; create it first"):
+        lora_fx.save_adapter(gm, tmp_path / "no" / "such" / "dir")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root writes anywhere: nothing to test then
+            with pytest.raises(lora_fx.AdapterFileError, match="choose a writable directory"):
+                lora_fx.save_adapter(gm, ro)
+    finally:
+        ro.chmod(0o700)
+
+
+CRASH = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    import lora_fx, lora_fx.adapter_io as io
+    from helpers import randomize_lora
+    from test_capture import tiny_llama
+    gm = lora_fx.inject_lora(tiny_llama(), ["q_proj", "v_proj"], rank={rank},
+                             example_inputs={{"input_ids": torch.zeros(2, 5, dtype=torch.long)}})
+    randomize_lora(gm, seed=99)
+    calls = []
+    real = os.replace
+    def crash(src, dst):
+        calls.append(dst)
+        if len(calls) > {after}:
+            os._exit(9)  # the process dies here, mid-save
+        real(src, dst)
+    io.os.replace = crash
+    lora_fx.save_adapter(gm, {path!r})
+""")
+
+
+@pytest.mark.parametrize("after, rank", [(0, 2), (1, 2), (1, 4)])
+def test_interrupted_save_keeps_or_flags_the_previous_adapter(saved, after, rank):
+    """A writer killed mid-save: before any rename the previous adapter is intact; between the
+    renames (weights new, config old) a config that no longer fits is caught, one that fits loads."""
+    model, gm, d = saved
+    before = (d / "adapter_model.safetensors").read_bytes(), (d / "adapter_config.json").read_bytes()
+    script = CRASH.format(tests=os.path.dirname(__file__), after=after, path=str(d), rank=rank)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 9, r.stderr
+    if after == 0:
+        assert (d / "adapter_model.safetensors").read_bytes() == before[0]
+        assert (d / "adapter_config.json").read_bytes() == before[1]
+        again = lora_fx.load_adapter(model, d, example_inputs=IDS)
+        with torch.no_grad():
+            assert max_abs(again(**IDS), gm(**IDS)) == 0
+    elif rank != 4:
+        with pytest.raises(lora_fx.AdapterFileError, match="save interrupted"):
+            lora_fx.load_adapter(model, d, example_inputs=IDS)
+    else:  # same config: the new weights are a complete adapter of their own
+        assert (d / "adapter_config.json").read_bytes() == before[1]
+        assert lora_fx.load_adapter(model, d, example_inputs=IDS)._lora.adapters["default"].ranks
+    lora_fx.save_adapter(gm, d)  # the next save cleans up and works
+    assert not list(d.glob(".lora-fx-tmp-*"))
+    lora_fx.load_adapter(model, d, example_inputs=IDS)
