@@ -1,6 +1,7 @@
 # Two entry points, each setting up .venv on a fresh machine first:
 #   make demo   the main job (examples/quickstart.py)
 #   make test   the test suite (what CI runs)
+#   make bench  the CPU benchmark suite (results/benchmarks_cpu.{md,json,png})
 PYTHON ?= python3
 VENV   ?= .venv
 # CPU wheel on disk; override on a GPU machine, e.g. make test TORCH=torch
@@ -8,13 +9,13 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	touch $@
 
 venv: $(STAMP)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadgroup tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/cpu_suite.py
 
 clean:
 	rm -rf $(VENV) results

@@ -1,7 +1,7 @@
 """Memory and one-off timings, each in a fresh process (called by cpu_suite.py; prints JSON).
 
     python benchmarks/measure.py train <lorafx|peft|full|floor>
-    python benchmarks/measure.py inject <lorafx|peft>
+    python benchmarks/measure.py inject <lorafx|peft> [hidden]
     python benchmarks/measure.py meta7b
 """
 from __future__ import annotations
@@ -102,7 +102,8 @@ def main(argv):
         print(json.dumps({"case": kind, "peak_rss_rise_mb": mem.rise / 2**20}))
     elif what == "inject":
         kind = argv[1]
-        model = build()
+        hidden = int(argv[2]) if len(argv) > 2 else CPU_CONFIG["hidden_size"]
+        model = build(dict(CPU_CONFIG, hidden_size=hidden, intermediate_size=hidden * 1376 // 512))
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         warm_imports()
         ids = torch.randint(0, CPU_CONFIG["vocab_size"], (2, 128))

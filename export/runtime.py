@@ -42,7 +42,10 @@ def ort_session(path, device: str = "auto", *, options=None):
     if want_cuda and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # find the CUDA libraries torch's nvidia-* packages ship
     providers = [CUDA, CPU] if want_cuda else [CPU]
-    session = ort.InferenceSession(str(path), options or ort.SessionOptions(), providers=providers)
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # ORT's constant-folding notices are not the user's problem
+    session = ort.InferenceSession(str(path), options, providers=providers)
     session.provider = session.get_providers()[0]
     if device == "cuda" and session.provider != CUDA:
         raise RuntimeError(f"asked for CUDA, ONNX Runtime gave {session.get_providers()}: the CUDA provider failed to load")
