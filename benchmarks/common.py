@@ -14,15 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
 
-def interleaved(cases: dict, rounds: int, per_round: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each case, timed round by round (A B C A B C ...) after warm-up,
-    so drift on a shared machine hits every case alike."""
+def interleaved(cases: dict, rounds: int, per_round: int, warmup: int = 2, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call of each case, timed round by round (A B C, then B C A, ...) after
+    warm-up, so drift on a shared machine hits every case alike. The order changes every round and
+    each case's first call in a round is not timed, so no case always pays for the one before it
+    (cache and allocator state)."""
+    import random
+
     for fn in cases.values():
         for _ in range(warmup):
             fn()
+    order = list(cases)
+    rng = random.Random(seed)
     times = {name: [] for name in cases}
     for _ in range(rounds):
-        for name, fn in cases.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = cases[name]
+            fn()
             for _ in range(per_round):
                 t = time.perf_counter()
                 fn()

@@ -152,7 +152,7 @@ def run(args) -> dict:
             torch.manual_seed(seed)
             net = SentenceClassifier(pretrained)
             example = next(batches(tok, train_rows[:2], 2, args.max_length))[0]
-            gm = lora_fx.inject_lora(net, ["query", "value"], rank=8, alpha=16, dropout=0.0, trainable=["head"],
+            gm = lora_fx.inject_lora(net, ["query", "value"], rank=8, alpha=16, init=args.init, trainable=["head"],
                                      example_inputs=example)
             losses = train(gm, tok, train_rows, args, args.lora_lr, seed, f"LoRA seed {seed}")
             acc = accuracy(predict(gm, tok, test_rows, args), test_rows)
@@ -271,6 +271,7 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--lora-lr", type=float, default=3e-3)
+    ap.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian"], help="LoRA A init (PEFT's default: kaiming)")
     ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-onnx", action="store_true")

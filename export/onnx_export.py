@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -85,6 +86,8 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     input_names = None if positional else list(kwargs)
     was_training = gm.training
     gm.eval()
+    # the exporter warns about torchvision ops it cannot register; nothing to do with this model
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations

@@ -65,6 +65,28 @@ class LoraGraphModule(torch.fx.GraphModule):
         self._lora = getattr(root, "_lora", None)  # LoraState, set by inject_lora
         object.__setattr__(self, "_variants", {})
 
+    # -- signature: what tools that inspect forward (transformers.Trainer) see -------------------
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "_capture":
+            self._apply_signature()
+
+    def recompile(self):
+        out = super().recompile()
+        self._apply_signature()
+        return out
+
+    def _apply_signature(self) -> None:
+        """Give forward the model's own signature, so e.g. Trainer keeps the `labels` column; calls with
+        inputs the graph was not captured with are routed to a re-capture by __call__."""
+        cap = self.__dict__.get("_capture")
+        if cap is None or cap.signature is None or cap.positional:
+            return
+        me = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        # declared names only: a **kwargs catch-all is not offered (undeclared inputs are refused)
+        named = [p for p in cap.signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        type(self).forward.__signature__ = cap.signature.replace(parameters=[me, *named])
+
     # -- calls ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         cap = self._capture

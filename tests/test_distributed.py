@@ -1,0 +1,116 @@
+"""Training the injected graph with PyTorch's own distributed engines (gloo on CPU) and with
+transformers.Trainer. Each rank captures the model itself: the graph does not depend on the rank."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import lora_fx
+from test_capture import tiny_llama
+
+STEPS, GLOBAL_BATCH = 3, 4
+
+
+def _batch():
+    return torch.randint(0, 64, (GLOBAL_BATCH, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _injected():
+    torch.manual_seed(0)
+    return lora_fx.inject_lora(tiny_llama(), ["q_proj", "v_proj"], rank=4, example_inputs={"input_ids": _batch()[:2]})
+
+
+def _train(module, gm, ids, steps=STEPS):
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        module(input_ids=ids).logits.square().mean().backward()  # a mean: ranks' halves average to the whole
+        opt.step()
+        opt.zero_grad()
+
+
+def _lora(gm) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in gm.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards into DTensors
+            out[name] = p.detach().clone().contiguous()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        gm = _injected()
+        local = _batch().chunk(world)[rank]
+        if engine == "ddp":
+            module = torch.nn.parallel.DistributedDataParallel(gm)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            # the root only: the captured graph is flat (no submodule forward runs), so per-layer
+            # groups would never be gathered
+            module = fully_shard(gm)
+        _train(module, gm, local)
+        weights = _lora(gm)
+        if rank == 0:
+            save_file(weights, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
+    """mp.spawn with a deadline: a stuck rank fails the test instead of hanging CI."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    while not context.join(timeout=5):
+        if time.monotonic() > end:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"distributed workers still running after {deadline_s} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
+    out = str(tmp_path / "rank0.safetensors")
+    _spawn(_worker, (2, _free_port(), engine, out), nprocs=2, deadline_s=240)
+    gm = _injected()
+    _train(gm, gm, _batch())
+    reference, distributed = _lora(gm), load_file(out)
+    assert reference.keys() == distributed.keys() and reference
+    moved = max((v - _lora(_injected())[k]).abs().max().item() for k, v in reference.items())
+    assert moved > 1e-3  # training did change the weights
+    for k, v in reference.items():
+        assert torch.allclose(distributed[k], v, atol=1e-5, rtol=1e-4), (k, (distributed[k] - v).abs().max())
+
+
+def test_trains_inside_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    gm = _injected()
+    ids = torch.randint(0, 64, (16, 7), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    before = gm(input_ids=ids, labels=ids).loss.item()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=5e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_steps=5, disable_tqdm=True)
+    Trainer(model=gm, args=args, train_dataset=data).train()
+    gm.eval()
+    with torch.no_grad():
+        after = gm(input_ids=ids, labels=ids).loss.item()
+    assert after < before - 0.05, (before, after)
+    assert all(not p.requires_grad for n, p in gm.named_parameters() if ".lora_" not in n)
