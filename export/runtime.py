@@ -52,9 +52,9 @@ def ort_session(path, device: str = "auto", *, options=None):
     return session
 
 
-def ort_run(session, inputs: dict) -> list[torch.Tensor]:
+def ort_run(session, inputs: dict, run_options=None, extra: dict | None = None) -> list[torch.Tensor]:
     """Run with IO binding: torch tensors in (on CPU or the session's GPU), torch tensors out, on the
-    session's device, without copies through numpy."""
+    session's device, without copies through numpy. `extra` binds further inputs given as OrtValues."""
     ort = _ort()
     binding = session.io_binding()
     on_cuda = getattr(session, "provider", session.get_providers()[0]) == CUDA
@@ -64,9 +64,11 @@ def ort_run(session, inputs: dict) -> list[torch.Tensor]:
         t = value.to(device).contiguous()
         keep.append(t)
         binding.bind_input(name, t.device.type, t.device.index or 0, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+    for name, value in (extra or {}).items():
+        binding.bind_ortvalue_input(name, value)
     for out in session.get_outputs():
         binding.bind_output(out.name, device)
-    session.run_with_iobinding(binding, ort.RunOptions())
+    session.run_with_iobinding(binding, run_options or ort.RunOptions())
     return [torch.from_dlpack(v._get_c_value()) for v in binding.get_outputs()]
 
 

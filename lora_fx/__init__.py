@@ -20,6 +20,7 @@ from .errors import CaptureError, ConfigError, FoldError, InputsError, LoraFxErr
 from .fold import merge_lora
 from .graph_module import LoraGraphModule
 from .inject import inject_lora
+from .mixed import mixed_adapters
 from .saved import load_graph, save_graph
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "adapter_weights",
     "lora_state_dict",
     "size_report",
+    "mixed_adapters",
     "AdapterFileError",
     "save_graph",
     "load_graph",

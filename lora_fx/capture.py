@@ -197,4 +197,7 @@ def _export(model: nn.Module, inputs, positional: bool, training: bool) -> torch
             "Python control flow on tensor values with torch.where or torch.cond; or capture a "
             "submodule that has no such flow. Your model was not changed."
         ) from e
-    return ep.module(check_guards=False)
+    try:
+        return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only
+    except TypeError:  # torch < 2.9 has no check_guards (and no guards node)
+        return ep.module()
