@@ -30,6 +30,8 @@ def training(rounds: int) -> dict:
     ids = torch.randint(0, CPU_CONFIG["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(1))
     base = build()
     steps = {kind: trainer(kind, copy.deepcopy(base), ids) for kind in ("lorafx", "peft", "full", "floor")}
+    # the floor twice, as two cases: how far apart two identical cases land is the noise of this run
+    steps["floor_again"] = trainer("floor", copy.deepcopy(base), ids)
     return interleaved(steps, rounds=rounds, per_round=2, warmup=2)
 
 
@@ -61,13 +63,14 @@ def inference(rounds: int) -> tuple[dict, float]:
         err = (gm(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
         cases = {
             "untouched": lambda: model(input_ids=ids),
+            "untouched_again": lambda: model(input_ids=ids),  # the noise of this run
             "untouched_graph": lambda: captured(input_ids=ids),
             "lorafx_unfolded": lambda: gm(input_ids=ids),
             "peft_unmerged": lambda: peft_model(input_ids=ids),
             "lorafx_folded": lambda: folded(input_ids=ids),
             "peft_merged": lambda: merged(input_ids=ids),
         }
-        return interleaved(cases, rounds=rounds, per_round=5, warmup=3), err
+        return interleaved(cases, rounds=rounds, per_round=6, warmup=3), err
 
 
 def fold_times(rounds: int) -> dict:
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    rounds = 2 if args.quick else 7
+    rounds = 2 if args.quick else 15
     started = time.perf_counter()
     results = {"date": datetime.date.today().isoformat(),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -200,10 +203,15 @@ def report(r: dict) -> str:
         "| training step (4 x 128, fwd + bwd + AdamW) | median | / PEFT | / frozen floor | / full FT | peak RSS rise |",
         "|---|---|---|---|---|---|",
     ]
-    for k, label in (("lorafx", "lora-fx"), ("peft", "PEFT"), ("full", "full fine-tuning"), ("floor", "frozen floor (fwd + bwd to embeddings)")):
+    for k, label in (("lorafx", "lora-fx"), ("peft", "PEFT"), ("full", "full fine-tuning"), ("floor", "frozen floor (fwd + bwd to embeddings)"),
+                     ("floor_again", "frozen floor again (noise check)")):
+        if k not in m:
+            lines.append(f"| {label} | {ms(t[k])} | {t[k] / t['peft']:.3f} | {t[k] / t['floor']:.3f} | {t[k] / t['full']:.3f} | - |")
+            continue
         lines.append(f"| {label} | {ms(t[k])} | {t[k] / t['peft']:.3f} | {t[k] / t['floor']:.3f} | {t[k] / t['full']:.3f} | {m[k]:.0f} MB |")
     lines += ["", "| inference (1 x 128) | median | / untouched | / untouched graph |", "|---|---|---|---|"]
-    for k, label in (("untouched", "untouched model (eager)"), ("untouched_graph", "untouched, captured graph"),
+    for k, label in (("untouched", "untouched model (eager)"), ("untouched_again", "untouched again (noise check)"),
+                     ("untouched_graph", "untouched, captured graph"),
                      ("lorafx_unfolded", "lora-fx unfolded"), ("peft_unmerged", "PEFT unmerged"),
                      ("lorafx_folded", "lora-fx folded"), ("peft_merged", "PEFT merged")):
         lines.append(f"| {label} | {ms(inf[k])} | {inf[k] / inf['untouched']:.3f} | {inf[k] / inf['untouched_graph']:.3f} |")
