@@ -18,30 +18,60 @@ from .adapters import adapter_weights
 from .rewrite import LORA_META, lora_path, scale_path, strip_lora
 
 
+def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
+    """The update of one weight as (block, B * scaling, A) pairs in fp32: the update is
+    sum over pairs of pad(B' @ A) (rows of the block), in W0's [out, in] orientation."""
+    state = gm._lora
+    out = []
+    if adapters is None:  # what the graph computes now: the slots, with their per-row scale
+        scale = gm.get_buffer(scale_path(site, state.slot)).float()
+        for block in site.blocks:
+            a = gm.get_parameter(lora_path(site, "lora_A", state.slot, block.index)).detach().float()
+            b = gm.get_parameter(lora_path(site, "lora_B", state.slot, block.index)).detach().float()
+            out.append((block, b * scale, a))
+        return out
+    for name, weight in adapter_mix(state, adapters).items():
+        adapter = state.adapters[name]
+        if site.param not in adapter.ranks:
+            continue
+        for block, (a, b) in zip(site.blocks, adapter_weights(gm, name)[site.param]):
+            out.append((block, b.float() * (weight * adapter.scaling(site.param)), a.float()))
+    return out
+
+
 def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     """The LoRA update of one weight, in fp32, in W0's layout and full shape.
 
     adapters: None for what the graph computes now (the active adapters), or a name, a list of
     names, or {name: weight} for a weighted sum of stored adapters.
     """
-    state = gm._lora
     w0 = gm.get_parameter(site.param)
     delta = torch.zeros(site.out_features, site.in_features, dtype=torch.float32, device=w0.device)
-    if adapters is None:
-        scale = gm.get_buffer(scale_path(site, state.slot)).float()
-        for block in site.blocks:
-            a = gm.get_parameter(lora_path(site, "lora_A", state.slot, block.index)).detach().float()
-            b = gm.get_parameter(lora_path(site, "lora_B", state.slot, block.index)).detach().float()
-            delta[block.start:block.stop] += (b * scale) @ a
-    else:
-        for name, weight in adapter_mix(state, adapters).items():
-            adapter = state.adapters[name]
-            if site.param not in adapter.ranks:
-                continue
-            pairs = adapter_weights(gm, name)[site.param]
-            for block, (a, b) in zip(site.blocks, pairs):
-                delta[block.start:block.stop] += (weight * adapter.scaling(site.param)) * (b.float() @ a.float())
+    for block, b, a in _factors(gm, site, adapters):
+        delta[block.start:block.stop] += b @ a
     return delta.t() if site.layout == "in_out" else delta
+
+
+def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
+    """W0 + update, accumulated in fp32 (one addmm per block, no weight-sized temporaries beyond
+    the fp32 copy) and cast once to W0's dtype."""
+    w0 = gm.get_parameter(site.param)
+    factors = _factors(gm, site, adapters)
+    if w0.device.type != "meta" and not all(torch.isfinite(t).all() for _, b, a in factors for t in (b, a)):
+        raise FoldError(
+            f"LoRA weights of {site.param} hold NaN or inf; folding would corrupt the weight. "
+            "Check the training run (learning rate, loss scaling) or reload the adapter."
+        )
+    w = w0.detach().to(torch.float32, copy=True)
+    for block, b, a in factors:
+        if site.layout == "in_out":  # W0 is [in, out]: the block is a column range
+            w[:, block.start:block.stop].addmm_(a.t(), b.t())
+        else:
+            w[block.start:block.stop].addmm_(b, a)
+    out = w.to(w0.dtype)
+    if w0.dtype == torch.float16 and w0.device.type != "meta" and not torch.isfinite(out).all():
+        raise FoldError(f"folding {site.param} overflows float16; fold into a float32 or bfloat16 copy instead")
+    return out
 
 
 def adapter_mix(state, adapters) -> dict[str, float]:
@@ -103,13 +133,7 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     for site in state.sites.values() if not state.folded else []:
         w0 = gm.get_parameter(site.param)
         _check_not_shared(graph, site, names_by_param[id(w0)])
-        delta = delta_weight(gm, site, adapters)
-        if delta.device.type != "meta" and not torch.isfinite(delta).all():  # meta: shapes only
-            raise FoldError(
-                f"LoRA weights of {site.param} hold NaN or inf; folding would corrupt the weight. "
-                "Check the training run (learning rate, loss scaling) or reload the adapter."
-            )
-        folded[site.param] = (w0.detach().float() + delta).to(w0.dtype)
+        folded[site.param] = folded_weight(gm, site, adapters)
 
     strip_lora(graph)
 
