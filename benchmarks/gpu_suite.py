@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
             emit(rows, step="train", case=kind, compiled=compiled, tokens_per_s=batch * seq / sec, step_ms=1e3 * sec,
                  first_step_s=first, peak_gib=peak)
-            del net, opt, run
+            net = opt = run = None  # free this case before the next
             if device == "cuda":
                 torch.cuda.empty_cache()
 

@@ -106,7 +106,7 @@ def main(argv=None):
     t = time.perf_counter()
     for step in tqdm(range(args.steps), desc="LoRA fine-tune"):
         inputs, labels = encode(tok, train_texts[step * args.batch:(step + 1) * args.batch], args.max_length)
-        s, n = 0, 0
+        _s, _n = 0, 0
         logits = gm(**inputs).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()

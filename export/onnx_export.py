@@ -16,10 +16,10 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
-from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 import lora_fx
+from lora_fx.capture import auto_dims
 from lora_fx.graph_module import LoraGraphModule
 
 
@@ -79,10 +79,7 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     positional = not isinstance(example_inputs, dict)
     args, kwargs = (tuple(example_inputs), {}) if positional else ((), dict(example_inputs))
 
-    def dims(v):
-        return {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
-
-    dynamic_shapes = pytree.tree_map(dims, args if positional else kwargs) if dynamic else None
+    dynamic_shapes = auto_dims(args if positional else kwargs) if dynamic else None
     input_names = None if positional else list(kwargs)
     was_training = gm.training
     gm.eval()

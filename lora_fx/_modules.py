@@ -89,3 +89,14 @@ def copy_non_persistent(src: nn.Module, dst: nn.Module) -> None:
             parent = resolve(dst, path) if path else dst
             if isinstance(parent, nn.Module) and leaf in parent._buffers:
                 parent._non_persistent_buffers_set.add(leaf)
+
+
+def own_stateless_modules(gm: torch.fx.GraphModule) -> None:
+    """Replace every called module that has no parameters (dropout, attention) by a copy, so a new
+    graph module built over another one's weights switches train/eval on its own."""
+    for node in gm.graph.find_nodes(op="call_module"):
+        parent, _, leaf = node.target.rpartition(".")
+        owner = gm.get_submodule(parent) if parent else gm
+        module = owner._modules[leaf]
+        if next(module.parameters(), None) is None:
+            owner._modules[leaf] = copy.deepcopy(module)

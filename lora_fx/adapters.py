@@ -18,7 +18,7 @@ import torch
 
 from ._modules import resolve
 from .errors import ConfigError, TargetError
-from .match import Match, NearMiss, Site, rematch
+from .match import NearMiss, Site, rematch
 from .rewrite import init_weights, insert_lora, install_slot, lora_path, scale_path, slot_rank, strip_lora
 
 

@@ -179,12 +179,16 @@ def _capture_state(model: nn.Module, training: bool):
             m.training = mode
 
 
-def _export(model: nn.Module, inputs, positional: bool, training: bool) -> torch.fx.GraphModule:
-    def dims(v):
-        return {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+def auto_dims(inputs):
+    """torch.export dynamic_shapes for `inputs`: every dim of every tensor Dim.AUTO (export keeps it
+    dynamic unless the model pins it, as a conv's channels)."""
+    return pytree.tree_map(lambda v: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
+                           inputs, is_leaf=lambda v: v is None)
 
+
+def _export(model: nn.Module, inputs, positional: bool, training: bool) -> torch.fx.GraphModule:
     args, kwargs = (inputs, {}) if positional else ((), inputs)
-    dynamic = pytree.tree_map(dims, args if positional else kwargs, is_leaf=lambda v: v is None)
+    dynamic = auto_dims(args if positional else kwargs)
     try:
         with _capture_state(model, training):
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from ._modules import copy_graph, set_parameter
+from ._modules import copy_graph, own_stateless_modules, set_parameter
 from .errors import FoldError
 from .graph_module import LoraGraphModule
 from .match import Site
@@ -138,10 +138,7 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     strip_lora(graph)
 
     new = LoraGraphModule(gm, graph)
-    for node in new.graph.find_nodes(op="call_module"):  # own mode switches (dropout)
-        parent, _, leaf = node.target.rpartition(".")
-        owner = new.get_submodule(parent) if parent else new
-        owner._modules[leaf] = copy.deepcopy(owner._modules[leaf])
+    own_stateless_modules(new)
     replaced: dict[int, nn.Parameter] = {}
     for name, p in list(new.named_parameters(remove_duplicate=False)):
         if id(p) in replaced:

@@ -5,7 +5,7 @@ import numbers
 
 from torch import nn
 
-from ._modules import copy_graph, resolve, set_module, set_parameter
+from ._modules import copy_graph, own_stateless_modules, resolve, set_module, set_parameter
 from .adapters import Adapter, LoraConfig, LoraState, relayout, resolve_ranks
 from .capture import capture
 from .errors import ConfigError, TargetError
@@ -117,16 +117,9 @@ def check_weights(weights: dict, sites, ranks) -> None:
 
 
 def copy_graph_module(gm: LoraGraphModule) -> LoraGraphModule:
-    """A new graph module over a copy of `gm`'s graph, sharing its weights; stateless modules (dropout)
-    are copied so the two switch train/eval independently."""
-    import copy
-
+    """A new graph module over a copy of `gm`'s graph, sharing its weights."""
     new = LoraGraphModule(gm, copy_graph(gm.graph))
-    for node in new.graph.find_nodes(op="call_module"):
-        module = new.get_submodule(node.target)
-        if next(module.parameters(), None) is None:
-            parent, _, leaf = node.target.rpartition(".")
-            (new.get_submodule(parent) if parent else new)._modules[leaf] = copy.deepcopy(module)
+    own_stateless_modules(new)
     new.train(gm.training)
     return new
 

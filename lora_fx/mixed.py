@@ -8,7 +8,6 @@ other graph, so ONNX Runtime serves mixed batches too.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-from ._modules import copy_graph, set_module
+from ._modules import copy_graph, own_stateless_modules, set_module
 from .adapters import _state, adapter_weights
 from .errors import ConfigError
 from .graph_module import CaptureInfo, LoraGraphModule
@@ -67,10 +66,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
     graph = copy_graph(gm.graph)
     strip_lora(graph)
     mixed = LoraGraphModule(gm, graph)
-    for node in mixed.graph.find_nodes(op="call_module"):  # own copies of mode switches (dropout)
-        parent, _, leaf = node.target.rpartition(".")
-        owner = mixed.get_submodule(parent) if parent else mixed
-        owner._modules[leaf] = copy.deepcopy(owner._modules[leaf])
+    own_stateless_modules(mixed)
     sites = list(state.sites.values())
     matches = rematch(mixed, sites)
     if any(u.kind == "weight" for m in matches for u in m.uses):

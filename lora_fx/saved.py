@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.export import Dim
-from torch.utils import _pytree as pytree
 
+from .capture import auto_dims
 from .errors import InputsError
 from .graph_module import LoraGraphModule
 
@@ -19,8 +18,7 @@ def save_graph(gm: LoraGraphModule, path) -> Path:
         raise InputsError("save_graph needs a graph that lora_fx captured (it re-traces at the capture inputs)")
     inputs = cap.example_inputs
     args, kwargs = (tuple(inputs), {}) if cap.positional else ((), dict(inputs))
-    dims = pytree.tree_map(lambda v: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
-                           args if cap.positional else kwargs)
+    dims = auto_dims(args if cap.positional else kwargs)
     was_training = gm.training
     gm.eval()
     try:

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import export
-import lora_fx
 from battery import B2, S2
 from helpers import first_tensor
 
