@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     results["inject"] = {k: in_subprocess("measure", "inject", k) for k in ("lorafx", "peft")}
     # the same at 4x the weights: a rise that does not grow with the model is no weight copy
     results["inject_x4"] = {k: in_subprocess("measure", "inject", k, "1024") for k in ("lorafx", "peft")}
+    # ... and at 4x the layers: the rise is torch.export's working set, which grows with the graph
+    results["inject_deep"] = {k: in_subprocess("measure", "inject", k, "512", "16") for k in ("lorafx", "peft")}
     print("7B on the meta device ...", flush=True)
     results["meta7b"] = in_subprocess("measure", "meta7b")
     print("ONNX ...", flush=True)
@@ -192,6 +194,16 @@ def main(argv=None) -> int:
     plot(results, RESULTS / "benchmarks_cpu.png")
     print(text)
     return 0
+
+
+def inject_row(label: str, pair: dict) -> str:
+    """Peak RSS rise of capture + inject vs get_peft_model, and the new tensor bytes behind it."""
+    def cell(x):
+        new = f"; new tensors {x['new_tensor_mb']:.2f} MB, LoRA {x['lora_mb']:.2f} MB" if "new_tensor_mb" in x else ""
+        return f"{x['peak_rss_rise_mb']:.1f} MB ({100 * x['rise_over_model']:.1f}%){new}"
+    x = pair["lorafx"]
+    size = f"{x.get('layers', 4)} layers x {x.get('hidden', 512)}, model {x['model_mb']:.0f} MB"
+    return f"| peak RSS rise of that: {label} ({size}) | {cell(x)} | {cell(pair['peft'])} |"
 
 
 def report(r: dict) -> str:
@@ -222,11 +234,8 @@ def report(r: dict) -> str:
         "|---|---|---|",
         f"| fold / merge_and_unload | {ms(f['lorafx_fold'])} | {ms(f['peft_merge_and_unload'])} |",
         f"| capture + inject / get_peft_model | {li['seconds']:.2f} s | {pi['seconds']:.2f} s |",
-        f"| peak RSS rise of that (model {li['model_mb']:.0f} MB) | {li['peak_rss_rise_mb']:.1f} MB ({100 * li['rise_over_model']:.1f}%) | "
-        f"{pi['peak_rss_rise_mb']:.1f} MB ({100 * pi['rise_over_model']:.1f}%) |",
-        f"| same at hidden 1024 (model {r['inject_x4']['lorafx']['model_mb']:.0f} MB) | "
-        f"{r['inject_x4']['lorafx']['peak_rss_rise_mb']:.1f} MB ({100 * r['inject_x4']['lorafx']['rise_over_model']:.1f}%) | "
-        f"{r['inject_x4']['peft']['peak_rss_rise_mb']:.1f} MB ({100 * r['inject_x4']['peft']['rise_over_model']:.1f}%) |",
+        *[inject_row(label, r[key]) for key, label in (("inject", "the suite's model"), ("inject_x4", "hidden 1024"),
+                                                        ("inject_deep", "16 layers")) if key in r],
         f"| ONNX export, untouched / folded | {o['export_untouched_s']:.1f} s / {o['export_folded_s']:.1f} s | - |",
         f"| ONNX Runtime 1 x 128, folded / untouched | {ms(o['ort_folded'])} / {ms(o['ort_untouched'])} = "
         f"{o['ort_folded'] / o['ort_untouched']:.3f} (same structure: {o['same_structure']}, same names: {o['same_names']}) | - |",

@@ -1,7 +1,7 @@
 """Memory and one-off timings, each in a fresh process (called by cpu_suite.py; prints JSON).
 
     python benchmarks/measure.py train <lorafx|peft|full|floor>
-    python benchmarks/measure.py inject <lorafx|peft> [hidden]
+    python benchmarks/measure.py inject <lorafx|peft> [hidden] [layers]
     python benchmarks/measure.py meta7b
 """
 from __future__ import annotations
@@ -87,6 +87,19 @@ def warm_imports():
         pass
 
 
+def tensor_storages() -> dict[int, int]:
+    """data pointer -> bytes of every real (not fake, not meta) tensor storage alive."""
+    import gc
+
+    out = {}
+    gc.collect()
+    for o in gc.get_objects():
+        if type(o) in (torch.Tensor, torch.nn.Parameter) and not o.is_meta:
+            storage = o.untyped_storage()
+            out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
 def main(argv):
     torch.set_num_threads(2)
     what = argv[0]
@@ -103,23 +116,30 @@ def main(argv):
     elif what == "inject":
         kind = argv[1]
         hidden = int(argv[2]) if len(argv) > 2 else CPU_CONFIG["hidden_size"]
-        model = build(dict(CPU_CONFIG, hidden_size=hidden, intermediate_size=hidden * 1376 // 512))
+        layers = int(argv[3]) if len(argv) > 3 else CPU_CONFIG["num_hidden_layers"]
+        model = build(dict(CPU_CONFIG, hidden_size=hidden, intermediate_size=hidden * 1376 // 512, num_hidden_layers=layers))
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         warm_imports()
         ids = torch.randint(0, CPU_CONFIG["vocab_size"], (2, 128))
+        before = tensor_storages()
         with PeakRSS() as mem:
             t = time.perf_counter()
             if kind == "lorafx":
                 import lora_fx
 
-                lora_fx.inject_lora(model, TARGETS, rank=8, alpha=16, example_inputs={"input_ids": ids})
+                net = lora_fx.inject_lora(model, TARGETS, rank=8, alpha=16, example_inputs={"input_ids": ids})
             else:
                 from peft import LoraConfig, get_peft_model
 
-                get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+                net = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
             seconds = time.perf_counter() - t
+        # tensor bytes that exist now and did not before: the LoRA weights, and a copied base weight if any
+        new_tensor_bytes = sum(b for ptr, b in tensor_storages().items() if ptr not in before)
+        lora_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         print(json.dumps({"case": kind, "seconds": seconds, "peak_rss_rise_mb": mem.rise / 2**20,
-                          "model_mb": model_bytes / 2**20, "rise_over_model": mem.rise / model_bytes}))
+                          "model_mb": model_bytes / 2**20, "rise_over_model": mem.rise / model_bytes,
+                          "layers": layers, "hidden": hidden, "new_tensor_mb": new_tensor_bytes / 2**20,
+                          "lora_mb": lora_bytes / 2**20}))
     elif what == "meta7b":
         import lora_fx
 

@@ -4,8 +4,8 @@ The graph holds one LoRA *slot* per adapted weight: lora_A / lora_B parameters w
 per-row `scale` buffer (alpha / rank of the adapter owning the row, 0 for unused rows). Adapters live
 outside the graph as plain tensors; activating one (or several, summed) copies them into the slots in
 place, so switching needs no new capture and no recompile, and a `torch.compile`d module keeps its
-code. The active adapters' current values are in the slots (that is what trains); switching writes
-them back first.
+code. The active adapters' values live only in the slots (that is what trains, and no second copy is
+kept); switching writes them back out first.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ class Adapter:
     config: LoraConfig
     ranks: dict[str, int]  # site (weight name) -> rank
     alphas: dict[str, float]  # site -> alpha
-    weights: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]  # site -> (A, B) per block; stale while active
+    # site -> (A, B) per block; None while active (the slots hold them: read with adapter_weights)
+    weights: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None
 
     def scaling(self, param: str) -> float:
         return self.alphas[param] / self.ranks[param]
@@ -136,7 +137,8 @@ def _write_back(gm) -> None:
 
 
 def _fill(gm) -> None:
-    """Copy the active adapters into the slots, in place."""
+    """Move the active adapters into the slots (in place) and drop their own copies, so an adapter's
+    weights exist once; `_write_back` moves them out again before the slots change."""
     state = gm._lora
     with torch.no_grad():
         for param, site in state.sites.items():
@@ -157,6 +159,8 @@ def _fill(gm) -> None:
             drop = resolve(gm, f"{site.holder}.lora_dropout.{state.slot}")
             if drop is not None and placed:
                 drop.p = placed[0][0].config.dropout
+    for name in state.active:
+        state.adapters[name].weights = None
 
 
 def needed_rank(state: LoraState, param: str) -> int:

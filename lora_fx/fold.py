@@ -154,6 +154,5 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
         set_parameter(new, name, replaced[id(p)])
     new._lora = copy.copy(state)
     new._lora.folded = True
-    new.recompile()
     new.train(gm.training)
     return new

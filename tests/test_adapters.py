@@ -118,6 +118,20 @@ def test_switching_equals_each_adapter_alone(two_tasks):
     assert lora_fx.active_adapters(gm) == ["b"]
 
 
+def test_an_adapters_weights_exist_once(two_tasks):
+    """The active adapter lives only in the slots (what trains); an inactive one only in its own copy."""
+    _, gm, _, _ = two_tasks
+    lora_fx.set_adapter(gm, "a")
+    stored = {n: [t for pairs in (a.weights or {}).values() for pair in pairs for t in pair]
+              for n, a in gm._lora.adapters.items()}
+    b_numel = sum(t.numel() for pairs in lora_fx.adapter_weights(gm, "b").values() for pair in pairs for t in pair)
+    assert stored["a"] == [] and sum(t.numel() for t in stored["b"]) == b_numel > 0
+    a_before = {k: v.clone() for k, v in lora_fx.lora_state_dict(gm, "a").items()}
+    lora_fx.set_adapter(gm, "b")  # "a" moves out of the slots, "b" in
+    assert gm._lora.adapters["b"].weights is None
+    assert all(torch.equal(v, lora_fx.lora_state_dict(gm, "a")[k]) for k, v in a_before.items())
+
+
 def test_summed_adapters_and_weighted_fold(two_tasks):
     model, gm, _, _ = two_tasks
     lora_fx.set_adapter(gm, ["a", "b"])
