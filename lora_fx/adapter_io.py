@@ -295,9 +295,9 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     if injected:
         if gm_or_model._lora.folded:
             raise AdapterFileError("cannot load an adapter into a folded graph; load it into the model instead")
-        from .adapters import _base_copy
+        from .adapters import base_copy
 
-        base = _base_copy(gm_or_model)
+        base = base_copy(gm_or_model)
         source = gm_or_model._capture.source if gm_or_model._capture else None
     else:  # capture once: matching and injection both use this graph
         base = gm_or_model if isinstance(gm_or_model, LoraGraphModule) else capture(gm_or_model, example_inputs)

@@ -225,7 +225,7 @@ def add_adapter(gm, name: str, targets=None, *, rank: int = 8, alpha: float = 16
     config = LoraConfig(first.config.targets if targets is None else targets, rank, alpha, dropout, init,
                         (), dict(rank_pattern or {}), dict(alpha_pattern or {}))
     spec = parse_targets(config.targets)
-    base = _base_copy(gm)
+    base = base_copy(gm)
     matches, _ = match_weights(base, spec, exclude=state.exclude)
     sites = [state.sites.get(m.site.param, m.site) for m in matches]
     for site, m in zip(sites, matches):
@@ -296,16 +296,15 @@ def lora_state_dict(gm, adapter: str | None = None) -> dict[str, torch.Tensor]:
     return out
 
 
-def _base_copy(gm):
-    """A graph module over gm's weights with the LoRA nodes stripped: what matching sees."""
+def base_copy(gm):
+    """A graph module over gm's weights with the LoRA nodes stripped from a copy of its graph: what
+    matching sees, and what fold and mixed batches start from."""
     from ._modules import copy_graph
     from .graph_module import LoraGraphModule
 
     graph = copy_graph(gm.graph)
     strip_lora(graph)
-    base = LoraGraphModule(gm, graph)
-    return base
-
+    return LoraGraphModule(gm, graph)
 
 
 def size_report(gm, adapter_dir=None, name: str | None = None) -> dict:

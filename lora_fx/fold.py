@@ -10,12 +10,12 @@ import copy
 import torch
 from torch import nn
 
-from ._modules import copy_graph, own_stateless_modules, set_parameter
+from ._modules import own_stateless_modules, set_parameter
 from .errors import FoldError
 from .graph_module import LoraGraphModule
 from .match import Site
-from .adapters import adapter_weights
-from .rewrite import LORA_META, lora_path, scale_path, strip_lora
+from .adapters import adapter_weights, base_copy
+from .rewrite import LORA_META, lora_path, scale_path
 
 
 def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
@@ -84,11 +84,14 @@ def adapter_mix(state, adapters) -> dict[str, float]:
     return {n: float(w) for n, w in mix.items()}
 
 
-def _check_not_shared(graph: torch.fx.Graph, site: Site, names: set[str]) -> None:
+def _lora_inputs(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The base values LoRA combines with: the first input of every "combine" node."""
+    return {n.args[0] for n in graph.nodes if n.meta.get(LORA_META, {}).get("role") == "combine"}
+
+
+def _check_not_shared(graph: torch.fx.Graph, feeds: set[torch.fx.Node], site: Site, names: set[str]) -> None:
     """Folding rewrites W0 for every reader: refuse when a reader outside the LoRA match shares it
-    (a tied embedding), since the fold would change that reader too."""
-    combines = {n for n in graph.nodes if n.meta.get(LORA_META, {}).get("role") == "combine"}
-    feeds = {n.args[0] for n in combines}
+    (a tied embedding), since the fold would change that reader too. `feeds` is `_lora_inputs(graph)`."""
 
     def inside(user: torch.fx.Node) -> bool:
         if user in feeds or LORA_META in user.meta:
@@ -122,7 +125,6 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
             "this module has no LoRA to fold: merge_lora takes the graph module inject_lora (or "
             "load_adapter) returned"
         )
-    graph = copy_graph(gm.graph)
     names_by_param: dict[int, set[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(p), set()).add(name)
@@ -130,14 +132,13 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     folded: dict[str, torch.Tensor] = {}
     if adapters is not None and not state.folded:
         adapter_mix(state, adapters)  # unknown names fail before any work
+    feeds = _lora_inputs(gm.graph)
     for site in state.sites.values() if not state.folded else []:
         w0 = gm.get_parameter(site.param)
-        _check_not_shared(graph, site, names_by_param[id(w0)])
+        _check_not_shared(gm.graph, feeds, site, names_by_param[id(w0)])
         folded[site.param] = folded_weight(gm, site, adapters)
 
-    strip_lora(graph)
-
-    new = LoraGraphModule(gm, graph)
+    new = base_copy(gm)
     own_stateless_modules(new)
     replaced: dict[int, nn.Parameter] = {}
     for name, p in list(new.named_parameters(remove_duplicate=False)):

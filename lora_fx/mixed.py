@@ -15,12 +15,12 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-from ._modules import copy_graph, own_stateless_modules, set_module
-from .adapters import _state, adapter_weights
+from ._modules import own_stateless_modules, set_module
+from .adapters import _state, adapter_weights, base_copy
 from .errors import ConfigError
 from .graph_module import CaptureInfo, LoraGraphModule
 from .match import Site, rematch
-from .rewrite import LORA_META, strip_lora
+from .rewrite import LORA_META
 
 INDEX = "adapter_index"
 
@@ -63,10 +63,9 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
         raise ConfigError("mixed_adapters needs a graph captured with keyword inputs")
     weights = {n: adapter_weights(gm, n) for n in names}
 
-    graph = copy_graph(gm.graph)
-    strip_lora(graph)
-    mixed = LoraGraphModule(gm, graph)
+    mixed = base_copy(gm)
     own_stateless_modules(mixed)
+    graph = mixed.graph
     sites = list(state.sites.values())
     matches = rematch(mixed, sites)
     if any(u.kind == "weight" for m in matches for u in m.uses):
