@@ -186,7 +186,8 @@ class AdapterServer:
         import onnxruntime as ort
 
         if adapter is not None and adapter not in self.adapters:
-            raise KeyError(f"no adapter {adapter!r} loaded; loaded: {sorted(self.adapters)}")
+            raise KeyError(f"no adapter {adapter!r} loaded; loaded: {sorted(self.adapters)}. "
+                           "Load it first with server.load(name, path_to_onnx_adapter).")
         if all(isinstance(v, np.ndarray) for v in inputs.values()):
             options = ort.RunOptions()
             if adapter is not None:
