@@ -1,6 +1,6 @@
 # Two entry points, each setting up .venv (and the model and data) on a fresh machine first:
 #   make demo   the main job (examples/finetune_sentiment.py)
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs); make test-fast skips the tests marked slow
 #   make bench  the CPU benchmark suite (results/benchmarks_cpu.{md,json,png})
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadgroup tests
+
+# the quick loop while editing: everything but the tests marked slow
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_suite.py

@@ -37,13 +37,14 @@ def training(rounds: int) -> dict:
 
 def random_lora(gm, peft_model):
     """The same random A and B in both, so unmerged outputs are comparable."""
+    import lora_fx
+
     g = torch.Generator().manual_seed(2)
     peft_params = dict(peft_model.named_parameters())
     with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-                peft_params["base_model.model." + name].copy_(p)
+        for name, p in lora_fx.lora_parameters(gm).items():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            peft_params["base_model.model." + name].copy_(p)
 
 
 def inference(rounds: int) -> tuple[dict, float]:
@@ -103,9 +104,8 @@ def onnx_runtime(rounds: int) -> dict:
     ids = torch.randint(0, CPU_CONFIG["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(4))
     gm = lora_fx.inject_lora(model, TARGETS, rank=8, alpha=16, example_inputs={"input_ids": ids[:, :16]})
     with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.02)
+        for p in lora_fx.lora_parameters(gm, lora_fx.LORA_B).values():
+            p.normal_(std=0.02)
     folded = lora_fx.merge_lora(gm)
     d = Path(tempfile.mkdtemp())
     t = time.perf_counter()

@@ -30,8 +30,8 @@ def measure(size: int, rank: int, dtype: torch.dtype, seed: int = 0) -> dict:
             if ".lora_" in name:
                 p.normal_(std=0.02)
     ours = lora_fx.merge_lora(gm).get_parameter("0.weight").double()
-    a = gm.get_parameter("0.lora_A.default.weight").double()
-    b = gm.get_parameter("0.lora_B.default.weight").double()
+    (a,) = [p.double() for p in lora_fx.lora_parameters(gm, lora_fx.LORA_A).values()]
+    (b,) = [p.double() for p in lora_fx.lora_parameters(gm, lora_fx.LORA_B).values()]
     w0 = base[0].weight.double()
     exact = w0 + 2.0 * (b @ a)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))

@@ -122,9 +122,8 @@ def main(argv=None) -> int:
     model = copy.deepcopy(base).eval()
     gm = lora_fx.inject_lora(model, TARGETS, rank=16, alpha=32, example_inputs={"input_ids": ids[:2, :16]}).eval()
     with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.01)
+        for p in lora_fx.lora_parameters(gm, lora_fx.LORA_B).values():
+            p.normal_(std=0.01)
     folded = lora_fx.merge_lora(gm).eval()
     shapes = [(1, 1), (1, 128), (batch, seq)] if not args.tiny else [(1, 1), (1, 8), (batch, seq)]
     for b, s in shapes:

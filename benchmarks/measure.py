@@ -154,7 +154,7 @@ def main(argv):
         lora_fx.merge_lora(gm)
         fold_s = time.perf_counter() - t
         print(json.dumps({"case": "meta7b", "params": params, "nodes": len(gm.graph.nodes),
-                          "capture_inject_s": inject_s, "fold_s": fold_s, "sites": len(gm._lora.sites)}))
+                          "capture_inject_s": inject_s, "fold_s": fold_s, "sites": len(gm.lora_state.sites)}))
     else:
         raise SystemExit(__doc__)
 

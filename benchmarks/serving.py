@@ -45,9 +45,8 @@ def prepare(d: Path, n: int, size: dict) -> dict:
     for i in range(n):
         lora_fx.set_adapter(gm, f"a{i}")
         with torch.no_grad():
-            for name, p in gm.named_parameters():
-                if ".lora_B." in name:
-                    p.normal_(std=0.02)
+            for p in lora_fx.lora_parameters(gm, lora_fx.LORA_B).values():
+                p.normal_(std=0.02)
     multi = export.export_multi_adapter(gm, d / "multi.onnx")
     paths = {"multi": str(multi), "adapters": [], "folded": []}
     for i in range(n):

@@ -61,7 +61,7 @@ def main():
     def nan_fold():
         g = lora_fx.inject_lora(model, ["q_proj"], rank=2, example_inputs=ids)
         with torch.no_grad():
-            g.get_parameter("model.layers.0.self_attn.q_proj.lora_B.default.weight")[0, 0] = float("inf")
+            next(iter(lora_fx.lora_parameters(g, lora_fx.LORA_B).values()))[0, 0] = float("inf")
         return lora_fx.merge_lora(g)
 
     cases = [

@@ -16,7 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
+
+import lora_fx
+
+from .onnx_export import export_onnx
+from .onnx_diff import onnx_diff
+from .runtime import ort_run, ort_session
 
 
 def emit(**kw):
@@ -30,11 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the .onnx files (default: a temp folder)")
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import export
-    import lora_fx
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional dependency (the `hf` extra)
 
     cuda = torch.cuda.is_available()
     emit(step="env", torch=torch.__version__, cuda=cuda, ort=ort.__version__, ort_file=ort.__file__,
@@ -57,18 +60,17 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=16, alpha=32, example_inputs=example)
     with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.02)  # as if trained
+        for p in lora_fx.lora_parameters(gm, lora_fx.LORA_B).values():
+            p.normal_(std=0.02)  # as if trained
     folded = lora_fx.merge_lora(gm)
     emit(step="inject+fold", seconds=round(time.perf_counter() - t, 2))
 
     out = Path(args.out or tempfile.mkdtemp(prefix="lorafx-gpu-"))
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    base_path = export.export_onnx(model, out / "base.onnx", example)
-    folded_path = export.export_onnx(folded, out / "folded.onnx")
-    diff = export.onnx_diff(base_path, folded_path)
+    base_path = export_onnx(model, out / "base.onnx", example)
+    folded_path = export_onnx(folded, out / "folded.onnx")
+    diff = onnx_diff(base_path, folded_path)
     emit(step="export", seconds=round(time.perf_counter() - t, 1), same_structure=diff.same_structure,
          same_names=diff.same_names, changed=len(diff.changed_initializers))
 
@@ -76,25 +78,25 @@ def main(argv=None) -> int:
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
     sessions = {}
     for name, path in (("base", base_path), ("folded", folded_path)):
-        sessions[name] = export.ort_session(path, "cuda" if cuda else "cpu")
+        sessions[name] = ort_session(path, "cuda" if cuda else "cpu")
         emit(step="session", model=name, provider=sessions[name].provider)
 
     with torch.no_grad():
         ref = {"base": model.to(device)(**inputs).logits.float(), "folded": folded.to(device)(**inputs).logits.float()}
     for name, sess in sessions.items():
-        got = export.ort_run(sess, inputs)[0].float()
+        got = ort_run(sess, inputs)[0].float()
         emit(step="check", model=name, max_abs_vs_torch=(got - ref[name]).abs().max().item(),
              ref_max=ref[name].abs().max().item())
 
     def timed(sess):
         for _ in range(5):
-            export.ort_run(sess, inputs)
+            ort_run(sess, inputs)
         times = []
         for _ in range(args.runs):
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            export.ort_run(sess, inputs)
+            ort_run(sess, inputs)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)

@@ -19,8 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import lora_fx
-from lora_fx.capture import auto_dims
-from lora_fx.graph_module import LoraGraphModule
+from lora_fx import LoraGraphModule, auto_dims
 
 
 class ExportError(lora_fx.LoraFxError, RuntimeError):
@@ -53,10 +52,6 @@ def output_names(gm: LoraGraphModule) -> list[str] | None:
     return names
 
 
-def _has_lora(gm: LoraGraphModule) -> bool:
-    return gm._lora is not None and not gm._lora.folded
-
-
 def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic: bool = True,
                 opset: int | None = None, optimize: bool = False) -> Path:
     """Export `module` (a graph lora-fx returned, or any nn.Module) to ONNX at `path`.
@@ -69,7 +64,7 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     path = Path(path)
     _writable_target(path)
     gm = module if isinstance(module, LoraGraphModule) else lora_fx.capture(module, example_inputs)
-    cap = gm._capture
+    cap = gm.capture_info
     if example_inputs is None:
         if cap is None or cap.example_inputs is None:
             raise ExportError("export_onnx needs example_inputs for this module (a dict or tuple like a real batch)")
@@ -104,13 +99,14 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
 
 def _explain_failure(gm: LoraGraphModule, error: Exception) -> ExportError:
     reason = "\n".join(str(error).strip().splitlines()[:8])
-    name = type(gm._capture.source).__name__ if gm._capture and gm._capture.source is not None else "this model"
+    cap = gm.capture_info
+    name = type(cap.source).__name__ if cap and cap.source is not None else "this model"
     base_fails = True
-    if _has_lora(gm) and gm._capture and gm._capture.source is not None:
+    if lora_fx.unfolded_lora(gm) is not None and cap and cap.source is not None:
         try:  # does the untouched model export? then LoRA is to blame
             with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(lora_fx.capture(gm._capture.source, gm._capture.example_inputs), (),
-                                  kwargs=gm._capture.example_inputs, dynamo=True, optimize=False, verbose=False)
+                torch.onnx.export(lora_fx.capture(cap.source, cap.example_inputs), (),
+                                  kwargs=cap.example_inputs, dynamo=True, optimize=False, verbose=False)
             base_fails = False
         except Exception:
             base_fails = True

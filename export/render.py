@@ -10,6 +10,11 @@ import shutil
 from pathlib import Path
 
 import graphviz
+import torch
+
+import lora_fx
+
+from .onnx_diff import load, node_text, onnx_diff
 
 ADDED, CHANGED, WEIGHTS, REMOVED, PLAIN = "#b7eb8f", "#ffd591", "#91caff", "#ffa39e", "#f5f5f5"
 
@@ -71,8 +76,6 @@ def _page(title: str, summary: str, svg: str, shown: int, total: int, removed: l
 
 def onnx_diff_html(a, b, out_path, context: int = 2) -> Path:
     """Write an HTML page showing ONNX model b with what differs from a highlighted."""
-    from .onnx_diff import load, node_text, onnx_diff
-
     _require_dot()
     ma, mb = load(a), load(b)
     diff = onnx_diff(ma, mb)
@@ -92,12 +95,8 @@ def onnx_diff_html(a, b, out_path, context: int = 2) -> Path:
 
 def graph_diff_html(a, b, out_path, title: str = "fx graph diff", context: int = 2) -> Path:
     """Write an HTML page showing fx graph b with what differs from a highlighted."""
-    import torch
-
-    from lora_fx.diff import graph_diff
-
     _require_dot()
-    diff = graph_diff(a, b)
+    diff = lora_fx.graph_diff(a, b)
     gb = b.graph if isinstance(b, torch.fx.GraphModule) else b
     nodes = {n.name: f"{n.op} {n.target if isinstance(n.target, str) else getattr(n.target, '__name__', n.target)}\n{n.name}"
              for n in gb.nodes}

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 CUDA = "CUDAExecutionProvider"
@@ -13,23 +14,15 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.f
        torch.int32: np.int32, torch.bool: np.bool_, torch.int8: np.int8, torch.uint8: np.uint8}
 
 
-def _ort():
-    import onnxruntime
-
-    return onnxruntime
-
-
 def cuda_usable() -> bool:
     """Whether ONNX Runtime's CUDA provider can run here. Listing it is not enough: the CPU machines'
     onnxruntime-gpu lists CUDA and then fails to load libcublas, so also require a CUDA device."""
-    ort = _ort()
     return CUDA in ort.get_available_providers() and torch.cuda.is_available()
 
 
 def ort_session(path, device: str = "auto", *, options=None):
     """An `onnxruntime.InferenceSession` for `path` on CUDA when present (device "auto"), on CUDA or
     an error (device "cuda"), or on CPU (device "cpu"). `session.provider` says what it got."""
-    ort = _ort()
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
@@ -55,7 +48,6 @@ def ort_session(path, device: str = "auto", *, options=None):
 def ort_run(session, inputs: dict, run_options=None, extra: dict | None = None) -> list[torch.Tensor]:
     """Run with IO binding: torch tensors in (on CPU or the session's GPU), torch tensors out, on the
     session's device, without copies through numpy. `extra` binds further inputs given as OrtValues."""
-    ort = _ort()
     binding = session.io_binding()
     on_cuda = getattr(session, "provider", session.get_providers()[0]) == CUDA
     device = "cuda" if on_cuda else "cpu"
@@ -75,7 +67,6 @@ def ort_run(session, inputs: dict, run_options=None, extra: dict | None = None) 
 def optimized_model(path, out_path, device: str = "cpu", level: str = "all") -> Path:
     """Save the graph ONNX Runtime really runs, after its own optimizations at `level`
     ("basic", "extended" or "all")."""
-    ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

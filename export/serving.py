@@ -10,56 +10,45 @@
 """
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 import lora_fx
-from lora_fx.graph_module import LoraGraphModule
+from lora_fx import LORA_A, LoraGraphModule
 
 from .onnx_export import ExportError, export_onnx
 from .runtime import ort_run, ort_session
 
-_SLOT = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_A|lora_B)\.(?P<slot>[^.]+)(?P<block>\.block\d+)?\.weight$")
-_SCALE = re.compile(r"^(?P<holder>.+)\.lora_scaling\.(?P<slot>[^.]+)\.scale$")
-
-
-def canonical_name(name: str, slot: str) -> str | None:
-    """The slot-independent ONNX name of a LoRA weight of the graph module, or None."""
-    m = _SLOT.match(name)
-    if m and m["slot"] == slot:
-        return f"{m['holder']}.{m['which']}{m['block'] or ''}.weight"
-    m = _SCALE.match(name)
-    if m and m["slot"] == slot:
-        return f"{m['holder']}.lora_scaling"
-    return None
-
 
 def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None) -> Path:
     """Export the unfolded LoRA graph with every LoRA weight an overridable initializer (see module doc)."""
-    state = getattr(gm, "_lora", None)
-    if state is None or state.folded:
+    state = lora_fx.unfolded_lora(gm)
+    if state is None:
         raise ExportError("export_multi_adapter needs an unfolded LoRA graph (inject_lora or load_adapter's result)")
-    if any(u == "weight" for row in state.report.sites for u in row.uses) if state.report else False:
-        raise ExportError("some adapted weights are used as weights (not products); adapters cannot be switched there")
+    if state.weight_form:
+        raise ExportError(
+            f"{sorted(state.weight_form)[:3]} are adapted as weights (W + s*B@A: their op is not a product with an "
+            "activation); a served adapter cannot be switched there. Fold each adapter and export it instead."
+        )
     path = export_onnx(gm, path, example_inputs)
     model = onnx.load(str(path), load_external_data=True)
     graph = model.graph
     renamed = {}
     for init in graph.initializer:
-        new = canonical_name(init.name, state.slot)
+        new = lora_fx.slot_free_name(init.name, state.slot)
         if new is None:
             continue
         renamed[init.name] = new
-        if ".lora_B" in new or new.endswith(".lora_scaling"):  # no adapter active: the base model
+        if not _is_lora_a(new):  # lora_B and the scaling: no adapter, the base model
             zero = onnx.numpy_helper.from_array(np.zeros(tuple(init.dims), dtype=onnx.helper.tensor_dtype_to_np_dtype(init.data_type)), new)
             init.CopyFrom(zero)
         init.name = new
-    missing = {canonical_name(n, state.slot) for n, _ in gm.named_parameters() if canonical_name(n, state.slot)} - set(renamed.values())
+    expected = {lora_fx.slot_free_name(n, state.slot) for n, _ in gm.named_parameters()} - {None}
+    missing = expected - set(renamed.values())
     if not renamed or missing:
         raise ExportError(f"the exporter did not keep the LoRA weights as named initializers (missing {sorted(missing)[:3]})")
     for node in graph.node:
@@ -81,43 +70,26 @@ def slot_shapes(model_path) -> dict[str, tuple[int, ...]]:
     return {i.name: inits[i.name] for i in model.graph.input if i.name in inits}
 
 
-def adapter_tensors(adapter, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """(LoRA weights by canonical name, scaling by module) of an adapter folder (ours or PEFT's), or of
-    adapter `name` of an injected graph module."""
-    from lora_fx.adapter_io import PREFIX, _KEY, read_adapter
-    from lora_fx.adapters import pattern_value
+def _is_lora_a(slot_free: str) -> bool:
+    name = lora_fx.parse_slot_free(slot_free)
+    return name is not None and name.which == LORA_A
 
+
+def adapter_tensors(adapter, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(LoRA weights by slot-free name, scaling by module) of an adapter folder (ours or PEFT's), or of
+    adapter `name` of an injected graph module."""
     if isinstance(adapter, LoraGraphModule):
-        state = adapter._lora
-        name = name or state.active[0]
-        ad = state.adapters[name]
-        tensors, scales = {}, {}
-        for param, pairs in lora_fx.adapter_weights(adapter, name).items():
-            site = state.sites[param]
-            for block, (a, b) in zip(site.blocks, pairs):
-                suffix = f".block{block.index}" if site.fused else ""
-                tensors[f"{site.holder}.lora_A{suffix}.weight"] = a
-                tensors[f"{site.holder}.lora_B{suffix}.weight"] = b
-            scales[site.holder] = ad.scaling(param)
-        return tensors, scales
-    config, raw = read_adapter(adapter)
-    tensors, scales = {}, {}
-    for key, t in raw.items():
-        m = _KEY.match(key[len(PREFIX):])
-        if m is None:
-            raise ExportError(f"{adapter} holds full module weights ({key}); a served adapter can hold LoRA weights only")
-        tensors[f"{m['holder']}.{m['which']}{('.' + m['block']) if m['block'] else ''}.weight"] = t
-        if m["which"] == "lora_A":
-            r = t.shape[0]
-            alpha = pattern_value(config["alpha_pattern"], m["holder"], config["lora_alpha"])
-            scales[m["holder"]] = alpha / (math.sqrt(r) if config["use_rslora"] else r)
-    return tensors, scales
+        file = lora_fx.adapter_file(adapter, name)
+    else:
+        file = lora_fx.read_adapter(adapter)
+        if file.modules:
+            raise ExportError(f"{adapter} holds full module weights ({sorted(file.modules)[0]}); a served adapter "
+                              "can hold LoRA weights only")
+    return {n.slot_free: t for n, t in file.lora.items()}, dict(file.scalings)
 
 
 def export_adapter(adapter, path, model, name: str | None = None) -> Path:
     """Write ONNX Runtime's .onnx_adapter for one adapter, sized to the multi-adapter `model` file."""
-    import onnxruntime as ort
-
     shapes = slot_shapes(model)
     tensors, scales = adapter_tensors(adapter, name)
     params = {}
@@ -125,20 +97,20 @@ def export_adapter(adapter, path, model, name: str | None = None) -> Path:
         if key not in shapes:
             raise ExportError(f"adapter weight {key} has no slot in {model}: it targets other modules than the served model")
         want = shapes[key]
-        r = t.shape[0] if ".lora_A" in key else t.shape[1]
-        slot_r = want[0] if ".lora_A" in key else want[1]
+        r = t.shape[0] if _is_lora_a(key) else t.shape[1]
+        slot_r = want[0] if _is_lora_a(key) else want[1]
         if r > slot_r:
             raise ExportError(f"{key} has rank {r} but the served model's slot holds {slot_r}; export the model "
                               "from a graph whose largest adapter rank is at least this one")
         padded = torch.zeros(want, dtype=t.dtype)
-        if ".lora_A" in key:
+        if _is_lora_a(key):
             padded[:r] = t
         else:
             padded[:, :r] = t
         params[key] = padded
     for holder, s in scales.items():
         key = f"{holder}.lora_scaling"
-        r = next(t.shape[0] for k, t in tensors.items() if k.startswith(holder + ".lora_A"))
+        r = next(t.shape[0] for k, t in tensors.items() if k.startswith(holder + ".") and _is_lora_a(k))
         scale = torch.zeros(shapes[key], dtype=torch.float32)
         scale[:r] = s
         params[key] = scale
@@ -168,8 +140,6 @@ class AdapterServer:
         self._bound: dict[str, dict[str, object]] = {}
 
     def load(self, name: str, adapter_path) -> None:
-        import onnxruntime as ort
-
         adapter = ort.LoraAdapter()
         adapter.Load(str(adapter_path))  # memory-mapped
         params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
@@ -183,10 +153,8 @@ class AdapterServer:
         self.adapters[name] = adapter
 
     def run(self, inputs: dict, adapter: str | None = None) -> list:
-        import onnxruntime as ort
-
         if adapter is not None and adapter not in self.adapters:
-            raise KeyError(f"no adapter {adapter!r} loaded; loaded: {sorted(self.adapters)}. "
+            raise lora_fx.AdapterNameError(f"no adapter {adapter!r} loaded; loaded: {sorted(self.adapters)}. "
                            "Load it first with server.load(name, path_to_onnx_adapter).")
         if all(isinstance(v, np.ndarray) for v in inputs.values()):
             options = ort.RunOptions()

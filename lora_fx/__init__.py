@@ -1,9 +1,10 @@
 """lora-fx: LoRA as a pair of compiler passes over torch.fx graphs.
 
 The pipeline, one module each: capture (torch.export) -> match (targets -> weights) -> rewrite
-(W0 / lora_A / lora_B subgraph) -> fold (B @ A into W0) -> diff (what a pass changed).
+(W0 / lora_A / lora_B subgraph) -> fold (B @ A into W0) -> diff (what a pass changed). `attach` is
+the one door an adapter goes through into a graph; `slot` owns the LoRA weights' names and contents.
 """
-from .adapter_io import AdapterFileError, load_adapter, save_adapter
+from .adapter_io import AdapterFile, adapter_file, load_adapter, read_adapter, save_adapter
 from .adapters import (
     active_adapters,
     adapter_weights,
@@ -14,22 +15,38 @@ from .adapters import (
     set_adapter,
     size_report,
 )
-from .capture import capture
+from .capture import auto_dims, capture
 from .diff import GraphDiff, graph_diff
-from .errors import CaptureError, ConfigError, FoldError, InputsError, LoraFxError, TargetError
-from .fold import merge_lora
-from .graph_module import LoraGraphModule
+from .errors import (
+    AdapterFileError,
+    AdapterNameError,
+    CaptureError,
+    ConfigError,
+    FoldError,
+    InputsError,
+    LoraFxError,
+    TargetError,
+)
+from .fold import delta_weight, merge_lora
+from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
 from .inject import inject_lora
 from .mixed import mixed_adapters
+from .report import InjectReport, NearMiss
 from .saved import load_graph, save_graph
+from .slot import LORA_A, LORA_B, LoraName, lora_parameters, parse_slot_free, slot_free_name
+from .slot import parse_name as parse_lora_name
+from .state import Adapter, LoraState, Site
 
 __all__ = [
     "capture",
     "inject_lora",
     "merge_lora",
+    "delta_weight",
     "graph_diff",
     "save_adapter",
     "load_adapter",
+    "read_adapter",
+    "adapter_file",
     "add_adapter",
     "set_adapter",
     "delete_adapter",
@@ -37,17 +54,34 @@ __all__ = [
     "active_adapters",
     "adapter_weights",
     "lora_state_dict",
+    "lora_parameters",
     "size_report",
     "mixed_adapters",
-    "AdapterFileError",
     "save_graph",
     "load_graph",
+    "auto_dims",
+    "unfolded_lora",
+    "slot_free_name",
+    "parse_slot_free",
+    "parse_lora_name",
+    "LoraName",
+    "LORA_A",
+    "LORA_B",
+    "AdapterFile",
     "GraphDiff",
     "LoraGraphModule",
+    "CaptureInfo",
+    "LoraState",
+    "Adapter",
+    "Site",
+    "InjectReport",
+    "NearMiss",
     "LoraFxError",
     "TargetError",
     "ConfigError",
     "InputsError",
     "CaptureError",
     "FoldError",
+    "AdapterFileError",
+    "AdapterNameError",
 ]

@@ -4,6 +4,9 @@ Keys are PEFT's (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.
 what `save_adapter` writes and `load_adapter` reads what PEFT's `save_pretrained` writes. Only
 safetensors is read: a pickle file is never opened. Everything is validated before anything changes.
 Writes go to temporary files that replace the old ones only once complete.
+
+`AdapterFile` is one adapter as PEFT stores it, read from a folder (`read_adapter`) or taken from a
+graph module (`adapter_file`): what saving writes and what serving exports.
 """
 from __future__ import annotations
 
@@ -14,18 +17,24 @@ import os
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, LoraFxError, TargetError
+from . import slot
+from .adapters import trainable_weights
+from .attach import attach_adapter, base_copy, new_adapter, pattern_value
+from .errors import AdapterFileError, ConfigError, TargetError
+from .graph_module import LoraGraphModule, require_lora, unfolded_lora
+from .inject import graph_to_adapt, inject_matched, output_layer
+from .match import match_weights, parse_targets
+from .state import LoraConfig, Site, Weights
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PREFIX = "base_model.model."
 PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt", "pytorch_model.bin")
 MAX_CONFIG_BYTES = 1 << 20
-_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<block>block\d+))?\.weight$")
 
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
@@ -40,36 +49,60 @@ NEUTRAL = {"bias": "none", "use_dora": False, "lora_bias": False, "layers_to_tra
            "arrow_config": None, "megatron_config": None, "use_bdlora": None}
 
 
-class AdapterFileError(LoraFxError, ValueError):
-    """An adapter folder or file is missing, unsafe, corrupt or does not fit the model."""
+@dataclass
+class AdapterFile:
+    """One adapter as PEFT stores it."""
+
+    config: dict  # adapter_config.json's fields (validated when read from disk)
+    lora: dict[slot.LoraName, torch.Tensor]  # LoRA weights, by name (no slot)
+    modules: dict[str, torch.Tensor]  # fully trained modules' weights (modules_to_save), by parameter name
+    scalings: dict[str, float]  # holder module -> the scaling its update is multiplied by
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What adapter_model.safetensors holds: everything under PEFT's keys."""
+        out = {slot.FILE_PREFIX + name.slot_free: t for name, t in self.lora.items()}
+        out.update({slot.FILE_PREFIX + k: t for k, t in self.modules.items()})
+        return out
+
+    def targets(self):
+        """The `targets` to match: the config's, with fused-block specs where lora-fx saved some."""
+        targets = self.config["target_modules"]
+        if not self.config.get("lora_fx_blocks"):
+            return targets
+        spec = {t: True for t in ([targets] if isinstance(targets, str) else targets)}
+        spec.update(self.config["lora_fx_blocks"])
+        return spec
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_adapter(gm, directory, name: str | None = None) -> Path:
+def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
+    """Adapter `name` (default: the active one) of `gm`, as PEFT would store it."""
+    state = require_lora(gm, "adapter_file")
+    adapter = state.adapter(name)
+    lora, scalings = {}, {}
+    for param, pairs in slot.read(gm, state, adapter.name).items():
+        site = state.sites[param]
+        for block, (a, b) in zip(site.blocks, pairs):
+            index = block.index if site.fused else None
+            lora[slot.LoraName(site.holder, slot.LORA_A, None, index)] = a
+            lora[slot.LoraName(site.holder, slot.LORA_B, None, index)] = b
+        scalings[site.holder] = adapter.scaling(param)
+    return AdapterFile(peft_config(gm, adapter.name), lora, dict(trainable_weights(gm)), scalings)
+
+
+def save_adapter(gm: LoraGraphModule, directory, name: str | None = None) -> Path:
     """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional dependency (the `hf` extra)
 
-    from .adapters import _state, lora_state_dict
-
-    state = _state(gm)
-    name = name or (state.active[0] if state.active else state.slot)
-    if name not in state.adapters:
-        raise TargetError(f"no adapter named {name!r}; adapters: {sorted(state.adapters)}")
+    file = adapter_file(gm, name)
     directory = Path(directory)
     if not directory.parent.is_dir():
         raise AdapterFileError(f"cannot save to {directory}: its parent {directory.parent} does not exist; create it first")
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"cannot save to {directory}: it is a file, not a directory")
-    adapter = state.adapters[name]
-    config = peft_config(gm, name)
-    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    tensors = {}
-    for key, value in lora_state_dict(gm, name).items():
-        if f".lora_A.{name}." in key or f".lora_B.{name}." in key:
-            key = key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.")
-        tensors[PREFIX + key] = value.detach().to("cpu").contiguous()
-    del adapter
-    metadata = {"format": "pt", "lora_fx_config": fingerprint(config)}
+    config_bytes = (json.dumps(file.config, indent=2, sort_keys=True) + "\n").encode()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in file.tensors().items()}
+    metadata = {"format": "pt", "lora_fx_config": fingerprint(file.config)}
     try:
         directory.mkdir(exist_ok=True)
         weights_tmp = _tmp(directory, WEIGHTS)
@@ -104,14 +137,14 @@ def _tmp(directory: Path, name: str) -> str:
     return path
 
 
-def peft_config(gm, name: str) -> dict:
+def peft_config(gm: LoraGraphModule, name: str) -> dict:
     """The adapter_config.json PEFT expects for adapter `name`."""
-    state = gm._lora
-    adapter = state.adapters[name]
+    state = require_lora(gm, "peft_config")
+    adapter = state.adapter(name)
     sites = [state.sites[p] for p in adapter.ranks]
     r = max(set(adapter.ranks.values()), key=list(adapter.ranks.values()).count)
     alpha = max(set(adapter.alphas.values()), key=list(adapter.alphas.values()).count)
-    source = gm._capture.source if gm._capture else None
+    source = gm.capture_info.source if gm.capture_info else None
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": adapter.config.dropout,
@@ -121,7 +154,7 @@ def peft_config(gm, name: str) -> dict:
         "modules_to_save": list(state.trainable_modules) or None,
         "fan_in_fan_out": any(s.layout == "in_out" for s in sites),
         "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" else True,
-        "bias": "none", "use_rslora": bool(getattr(adapter.config, "rslora", False)), "use_dora": False,
+        "bias": "none", "use_rslora": False, "use_dora": False,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
     }
     blocks = {s.owner: _block_spec(s) for s in sites if s.fused}
@@ -130,7 +163,7 @@ def peft_config(gm, name: str) -> dict:
     return config
 
 
-def _block_spec(site) -> list[list]:
+def _block_spec(site: Site) -> list[list]:
     """The fused-block spec [(rows, adapted), ...] a site was matched with, disabled blocks included."""
     edges = sorted({0, site.out_features} | {b.start for b in site.blocks} | {b.stop for b in site.blocks})
     adapted = {(b.start, b.stop) for b in site.blocks}
@@ -138,10 +171,10 @@ def _block_spec(site) -> list[list]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Validated (config, tensors) from an adapter folder. Raises AdapterFileError before anything
-    else happens when a file is missing, is a pickle, is corrupt, or holds fields lora-fx cannot honour."""
-    from safetensors import SafetensorError, safe_open
+def read_adapter(directory) -> AdapterFile:
+    """The adapter in a folder, validated. Raises AdapterFileError before anything else happens when a
+    file is missing, is a pickle, is corrupt, or holds fields lora-fx cannot honour."""
+    from safetensors import SafetensorError, safe_open  # optional dependency (the `hf` extra)
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -179,12 +212,23 @@ def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{config_path} does not match {weights}: they were written by different saves (a save "
             "interrupted between the two files, or r / lora_alpha / targets edited by hand); save again"
         )
+    lora, modules = {}, {}
     for key, t in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFileError(f"unexpected key {key!r} in {weights}: PEFT keys start with {PREFIX!r}")
+        if not key.startswith(slot.FILE_PREFIX):
+            raise AdapterFileError(f"unexpected key {key!r} in {weights}: PEFT keys start with {slot.FILE_PREFIX!r}")
         if not t.is_floating_point():
             raise AdapterFileError(f"{key} in {weights} has dtype {t.dtype}; adapter weights are floating point")
-    return config, tensors
+        name = slot.parse_file_key(key)
+        if name is None:
+            modules[key[len(slot.FILE_PREFIX):]] = t
+        else:
+            lora[name] = t
+    scalings = {}
+    for name, t in lora.items():
+        if name.which == slot.LORA_A:
+            r, alpha = t.shape[0], pattern_value(config["alpha_pattern"], name.holder, config["lora_alpha"])
+            scalings[name.holder] = alpha / (math.sqrt(r) if config["use_rslora"] else r)
+    return AdapterFile(config, lora, modules, scalings)
 
 
 def validate_config(config: dict, where) -> dict:
@@ -240,26 +284,22 @@ def validate_config(config: dict, where) -> dict:
         "r": r, "lora_alpha": float(alpha), "lora_dropout": float(dropout), "target_modules": targets,
         "rank_pattern": dict(config.get("rank_pattern") or {}), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
         "modules_to_save": modules, "use_rslora": config.get("use_rslora", False),
-        "blocks": config.get("lora_fx_blocks") or {},
+        "lora_fx_blocks": config.get("lora_fx_blocks") or {},
     }
 
 
-def _weights_for(sites, tensors: dict[str, torch.Tensor], directory) -> tuple[dict, dict[str, int]]:
-    """Map file tensors to sites: ({weight name: [(A, B) per block]}, {weight name: rank}); every
-    site must have its tensors and every LoRA tensor must belong to a site."""
+def _weights_for(sites: list[Site], file: AdapterFile, directory) -> tuple[Weights, dict[str, int]]:
+    """Map the file's LoRA weights to sites: ({weight name: [(A, B) per block]}, {weight name: rank});
+    every site must have its weights and every LoRA weight must belong to a site."""
     by_holder = {s.holder: s for s in sites}
     found: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     extra = []
-    for key, t in tensors.items():
-        m = _KEY.match(key[len(PREFIX):])
-        if m is None:
-            continue  # modules_to_save weights: checked by the caller
-        site = by_holder.get(m["holder"])
-        index = int(m["block"][5:]) if m["block"] else 0
-        if site is None or (m["block"] is None) == site.fused or index not in {b.index for b in site.blocks}:
-            extra.append(key)
+    for name, t in file.lora.items():
+        site = by_holder.get(name.holder)
+        if site is None or not name.matches(site):
+            extra.append(slot.FILE_PREFIX + name.slot_free)
             continue
-        found.setdefault(site.param, {})[(m["which"], index)] = t
+        found.setdefault(site.param, {})[(name.which, name.block or 0)] = t
     missing = [s.holder for s in sites if s.param not in found or len(found[s.param]) != 2 * len(s.blocks)]
     if missing or extra:
         raise AdapterFileError(
@@ -270,70 +310,59 @@ def _weights_for(sites, tensors: dict[str, torch.Tensor], directory) -> tuple[di
         )
     weights, ranks = {}, {}
     for site in sites:
-        pairs = [(found[site.param][("lora_A", b.index)], found[site.param][("lora_B", b.index)]) for b in site.blocks]
+        pairs = [(found[site.param][(slot.LORA_A, b.index)], found[site.param][(slot.LORA_B, b.index)]) for b in site.blocks]
         ranks[site.param] = pairs[0][0].shape[0]
         weights[site.param] = pairs
     return weights, ranks
 
 
 def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None):
-    """Load an adapter folder (PEFT's or lora-fx's). Given an untouched model, capture it, inject the
-    adapter's targets and return the graph module; given a graph module with LoRA, add the adapter
-    under `name` (not active until set_adapter) and return it."""
-    from .adapters import add_adapter, pattern_value
-    from .capture import capture
-    from .graph_module import LoraGraphModule
-    from .inject import inject_lora, output_layer
-    from .match import match_weights, parse_targets
-
-    config, tensors = read_adapter(directory)
-    targets = config["target_modules"]
-    if config["blocks"]:
-        targets = {t: True for t in ([targets] if isinstance(targets, str) else targets)}
-        targets.update(config["blocks"])
-    injected = isinstance(gm_or_model, LoraGraphModule) and gm_or_model._lora is not None
-    if injected:
-        if gm_or_model._lora.folded:
-            raise AdapterFileError("cannot load an adapter into a folded graph; load it into the model instead")
-        from .adapters import base_copy
-
-        base = base_copy(gm_or_model)
-        source = gm_or_model._capture.source if gm_or_model._capture else None
-    else:  # capture once: matching and injection both use this graph
-        base = gm_or_model if isinstance(gm_or_model, LoraGraphModule) else capture(gm_or_model, example_inputs)
-        source = base._capture.source if base._capture else None
+    """Load an adapter folder (PEFT's or lora-fx's). Given an untouched model (or a capture of it),
+    capture it, inject the adapter and return the graph module; given a graph module with LoRA, add
+    the adapter under `name` (not active until set_adapter) and return it."""
+    file = read_adapter(directory)
+    config = file.config
+    state = unfolded_lora(gm_or_model)
+    if state is None and isinstance(gm_or_model, LoraGraphModule) and gm_or_model.lora_state is not None:
+        raise AdapterFileError("cannot load an adapter into a folded graph; load it into the model instead")
+    if state is not None and file.modules:
+        raise AdapterFileError(f"{directory} also holds full module weights (modules_to_save); load it into the model instead")
+    if state is not None:
+        base, exclude = base_copy(gm_or_model), state.exclude
+    else:
+        base = graph_to_adapt(gm_or_model, example_inputs)
+        exclude = output_layer(base.capture_info.source)
+    targets = file.targets()
     try:
-        matches, _ = match_weights(base, parse_targets(targets), exclude=output_layer(source))
+        matches, near = match_weights(base, parse_targets(targets), exclude=exclude)
     except (TargetError, ConfigError) as e:
         raise AdapterFileError(f"the adapter in {directory} does not fit this model: {e}") from None
-    sites = [m.site for m in matches]
-    weights, ranks = _weights_for(sites, tensors, directory)
-    rank_pattern = {s.owner: ranks[s.param] for s in sites}
-    alpha_pattern = {s.owner: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
+    sites = [state.sites.get(m.site.param, m.site) if state is not None else m.site for m in matches]
+    weights, ranks = _weights_for(sites, file, directory)
     for s in sites:  # the file's shapes must agree with its own config
         want = pattern_value(config["rank_pattern"], s.owner, config["r"])
         if ranks[s.param] != want:
             raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
+    alphas = {s.param: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
     if config["use_rslora"]:  # rsLoRA scales by alpha / sqrt(r): express it as an alpha for alpha / r
-        alpha_pattern = {k: v * math.sqrt(rank_pattern[k]) for k, v in alpha_pattern.items()}
-    exact = {re.escape(k): v for k, v in rank_pattern.items()}
-    exact_alpha = {re.escape(k): v for k, v in alpha_pattern.items()}
-    saved = {k[len(PREFIX):]: v for k, v in tensors.items() if _KEY.match(k[len(PREFIX):]) is None}
-    kwargs = dict(rank=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-                  rank_pattern=exact, alpha_pattern=exact_alpha, weights=weights)
-    if injected:
-        if saved:
-            raise AdapterFileError(f"{directory} also holds full module weights (modules_to_save); load it into the model instead")
-        add_adapter(gm_or_model, name, targets, **kwargs)
+        alphas = {p: a * math.sqrt(ranks[p]) for p, a in alphas.items()}
+    lora_config = LoraConfig(targets, config["r"], config["lora_alpha"], config["lora_dropout"], "gaussian",
+                             tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"])
+    try:
+        adapter = new_adapter(base, name, lora_config, sites, weights=weights, ranks=ranks, alphas=alphas)
+    except (TargetError, ConfigError) as e:
+        raise AdapterFileError(f"the adapter in {directory} does not fit this model: {e}") from None
+    if state is not None:
+        attach_adapter(gm_or_model, sites, adapter)
         return gm_or_model
-    gm = inject_lora(base, targets, trainable=config["modules_to_save"], adapter=name, **kwargs)
-    _load_trainable(gm, saved, directory)
+    gm = inject_matched(base, matches, near, adapter, config["modules_to_save"], exclude)
+    _load_trainable(gm, file.modules, directory)
     return gm
 
 
-def _load_trainable(gm, saved: dict[str, torch.Tensor], directory) -> None:
+def _load_trainable(gm: LoraGraphModule, saved: dict[str, torch.Tensor], directory) -> None:
     params = dict(gm.named_parameters())
-    trainable = [n for n in params if any(n.startswith(t + ".") for t in gm._lora.trainable_modules)]
+    trainable = list(trainable_weights(gm))
     unknown = [k for k in saved if k not in trainable]
     missing = [k for k in trainable if k not in saved]
     bad = [k for k in saved if k in params and tuple(saved[k].shape) != tuple(params[k].shape)]

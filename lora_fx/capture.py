@@ -2,23 +2,27 @@
 
 `torch.fx.symbolic_trace` cannot trace Hugging Face models (their `forward(**kwargs)`), so capture
 builds on torch.export, with every input dim left to `Dim.AUTO` so batch and sequence stay dynamic.
+`recapture` captures the same model again for other inputs, or at another dtype or device, over an
+existing graph's weights.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from . import modes
-from ._modules import copy_non_persistent
 from .errors import CaptureError, InputsError
 from .graph_module import CaptureInfo, LoraGraphModule
+from .paths import copy_non_persistent, set_buffer, set_parameter
 
 # Example sizes: >= 2 so torch.export does not specialize a dim to 0 or 1, and distinct so two dims
 # are never assumed equal.
@@ -36,13 +40,40 @@ def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
     if not isinstance(model, nn.Module):
         raise InputsError(f"capture needs an nn.Module, got {type(model).__name__}")
     signature, inputs, positional = bind_example_inputs(model, example_inputs)
-    gm = _export(model, inputs, positional, training=False)
+    return _capture(model, signature, inputs, positional, weights=None)
+
+
+def recapture(primary: LoraGraphModule, inputs) -> LoraGraphModule:
+    """`primary`'s source model captured again for `inputs` (a dict, or a tuple for a positional
+    capture), traced with `primary`'s own weights (so at their dtype and device) and sharing them:
+    parameters and buffers are the primary's objects; weights only these inputs use are frozen."""
+    cap = primary.capture_info
+    source = cap.source
+    own = {**dict(primary.named_parameters(remove_duplicate=False)), **dict(primary.named_buffers(remove_duplicate=False))}
+    names = [n for n, _ in source.named_parameters(remove_duplicate=False)] + \
+            [n for n, _ in source.named_buffers(remove_duplicate=False)]
+    # tensor subclasses (FSDP's DTensor shards) cannot be traced through: those stay the source's
+    weights = {n: own[n] for n in names if n in own and type(own[n]) in (nn.Parameter, torch.Tensor)}
+    new = _capture(source, cap.signature, inputs, cap.positional, weights)
+    for name, p in list(new.named_parameters(remove_duplicate=False)):
+        shared = own.get(name)
+        set_parameter(new, name, shared if isinstance(shared, nn.Parameter) else nn.Parameter(p.detach(), requires_grad=False))
+    for name, _ in list(new.named_buffers(remove_duplicate=False)):
+        if name in own:
+            set_buffer(new, name, own[name])
+    new.capture_info = replace(new.capture_info, recapture=cap.recapture)
+    new.train(primary.training)
+    return new
+
+
+def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dict | None) -> LoraGraphModule:
+    gm = _export(model, inputs, positional, training=False, weights=weights)
     notes = []
     train_probs = None
     sites = modes.dropout_sites(gm.graph)
     if sites and modes.has_dropout(model):
         try:
-            train_sites = modes.dropout_sites(_export(model, inputs, positional, training=True).graph)
+            train_sites = modes.dropout_sites(_export(model, inputs, positional, training=True, weights=weights).graph)
         except CaptureError as e:
             train_sites = None
             notes.append(f"train-mode capture failed, attention dropout is off in training: {e}")
@@ -56,13 +87,14 @@ def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
         notes.append(f"{replaced} dropout sites follow train()/eval()")
     out = LoraGraphModule(gm, gm.graph)
     copy_non_persistent(model, out)
-    out._capture = CaptureInfo(
+    out.capture_info = CaptureInfo(
         source=model,
         signature=signature,
         input_names=() if positional else tuple(inputs),
         positional=positional,
         example_inputs=inputs,
         notes=notes,
+        recapture=recapture,
     )
     out.eval()
     return out
@@ -186,11 +218,14 @@ def auto_dims(inputs):
                            inputs, is_leaf=lambda v: v is None)
 
 
-def _export(model: nn.Module, inputs, positional: bool, training: bool) -> torch.fx.GraphModule:
+def _export(model: nn.Module, inputs, positional: bool, training: bool, weights: dict | None) -> torch.fx.GraphModule:
     args, kwargs = (inputs, {}) if positional else ((), inputs)
     dynamic = auto_dims(args if positional else kwargs)
+    # tracing with other weights (another graph's, maybe at another dtype or device) leaves the
+    # model's own untouched: they are swapped in for the trace only
+    swap = _reparametrize_module(model, weights) if weights else contextlib.nullcontext()
     try:
-        with _capture_state(model, training):
+        with _capture_state(model, training), swap:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch raises many types here; all mean "could not capture"
         reason = "\n".join(str(e).strip().splitlines()[:12])
@@ -201,7 +236,4 @@ def _export(model: nn.Module, inputs, positional: bool, training: bool) -> torch
             "Python control flow on tensor values with torch.where or torch.cond; or capture a "
             "submodule that has no such flow. Your model was not changed."
         ) from e
-    try:
-        return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only
-    except TypeError:  # torch < 2.9 has no check_guards (and no guards node)
-        return ep.module()
+    return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only

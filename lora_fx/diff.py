@@ -51,7 +51,6 @@ class GraphDiff:
     removed: list[str] = field(default_factory=list)  # nodes only in a
     changed: list[NodeChange] = field(default_factory=list)  # aligned nodes whose inputs differ
     added_nodes: list[str] = field(default_factory=list)  # names in b (for drawing)
-    removed_nodes: list[str] = field(default_factory=list)  # names in a
     changed_nodes: list[str] = field(default_factory=list)  # names in b
 
     def __str__(self) -> str:
@@ -85,7 +84,6 @@ def graph_diff(a, b) -> GraphDiff:
             continue
         diff.removed += [_describe(n) for n in na[i1:i2]]
         diff.added += [_describe(n) for n in nb[j1:j2]]
-        diff.removed_nodes += [n.name for n in na[i1:i2]]
         diff.added_nodes += [n.name for n in nb[j1:j2]]
 
     def mapped(x):

@@ -6,7 +6,7 @@ class LoraFxError(Exception):
 
 
 class TargetError(LoraFxError, ValueError):
-    """`targets` (or `trainable`) names nothing that can be adapted."""
+    """`targets` (or `trainable`) names nothing that can be adapted, or the module holds no LoRA."""
 
 
 class ConfigError(LoraFxError, ValueError):
@@ -23,3 +23,14 @@ class CaptureError(LoraFxError, RuntimeError):
 
 class FoldError(LoraFxError, ValueError):
     """LoRA cannot be folded into the base weights."""
+
+
+class AdapterFileError(LoraFxError, ValueError):
+    """An adapter folder or file is missing, unsafe, corrupt or does not fit the model."""
+
+
+class AdapterNameError(LoraFxError, KeyError):
+    """No adapter of that name (in a graph module, a fold, a mixed batch or a server)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the whole message
+        return str(self.args[0]) if self.args else ""

@@ -5,36 +5,35 @@ adapted weights; the injected graph module and the user's model are left as they
 """
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from ._modules import own_stateless_modules, set_parameter
-from .errors import FoldError
+from . import slot
+from .attach import base_copy
+from .errors import AdapterNameError, FoldError
 from .graph_module import LoraGraphModule
-from .match import Site
-from .adapters import adapter_weights, base_copy
-from .rewrite import LORA_META, lora_path, scale_path
+from .paths import set_parameter
+from .rewrite import LORA_META, combine_inputs
+from .state import LoraState, Site
 
 
 def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
     """The update of one weight as (block, B * scaling, A) pairs in fp32: the update is
     sum over pairs of pad(B' @ A) (rows of the block), in W0's [out, in] orientation."""
-    state = gm._lora
+    state = gm.lora_state
     out = []
     if adapters is None:  # what the graph computes now: the slots, with their per-row scale
-        scale = gm.get_buffer(scale_path(site, state.slot)).float()
-        for block in site.blocks:
-            a = gm.get_parameter(lora_path(site, "lora_A", state.slot, block.index)).detach().float()
-            b = gm.get_parameter(lora_path(site, "lora_B", state.slot, block.index)).detach().float()
-            out.append((block, b * scale, a))
+        scale, pairs = slot.tensors(gm, site, state.slot)
+        for block, (a, b) in zip(site.blocks, pairs):
+            out.append((block, b.detach().float() * scale.float(), a.detach().float()))
         return out
     for name, weight in adapter_mix(state, adapters).items():
         adapter = state.adapters[name]
         if site.param not in adapter.ranks:
             continue
-        for block, (a, b) in zip(site.blocks, adapter_weights(gm, name)[site.param]):
+        for block, (a, b) in zip(site.blocks, slot.read(gm, state, name)[site.param]):
             out.append((block, b.float() * (weight * adapter.scaling(site.param)), a.float()))
     return out
 
@@ -74,24 +73,22 @@ def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     return out
 
 
-def adapter_mix(state, adapters) -> dict[str, float]:
+def adapter_mix(state: LoraState, adapters) -> dict[str, float]:
     """{name: weight} from a name, a list of names (weight 1 each) or a dict."""
     mix = {adapters: 1.0} if isinstance(adapters, str) else (
         dict(adapters) if isinstance(adapters, dict) else {n: 1.0 for n in adapters})
-    unknown = [n for n in mix if n not in state.adapters]
-    if unknown or not mix:
-        raise FoldError(f"cannot fold adapters {list(mix)}: this graph has {sorted(state.adapters)}")
+    if not mix:
+        raise FoldError(f"cannot fold an empty set of adapters; this graph has {sorted(state.adapters)}")
+    try:
+        state.check_names(mix)
+    except AdapterNameError as e:
+        raise AdapterNameError(f"cannot fold adapters {list(mix)}: {e}") from None
     return {n: float(w) for n, w in mix.items()}
-
-
-def _lora_inputs(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """The base values LoRA combines with: the first input of every "combine" node."""
-    return {n.args[0] for n in graph.nodes if n.meta.get(LORA_META, {}).get("role") == "combine"}
 
 
 def _check_not_shared(graph: torch.fx.Graph, feeds: set[torch.fx.Node], site: Site, names: set[str]) -> None:
     """Folding rewrites W0 for every reader: refuse when a reader outside the LoRA match shares it
-    (a tied embedding), since the fold would change that reader too. `feeds` is `_lora_inputs(graph)`."""
+    (a tied embedding), since the fold would change that reader too. `feeds` is `combine_inputs(graph)`."""
 
     def inside(user: torch.fx.Node) -> bool:
         if user in feeds or LORA_META in user.meta:
@@ -119,8 +116,8 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     can keep training without changing the folded module. Folding a folded module returns an equal
     one.
     """
-    state = getattr(gm, "_lora", None)
-    if not isinstance(gm, LoraGraphModule) or state is None:
+    state = gm.lora_state if isinstance(gm, LoraGraphModule) else None
+    if state is None:  # a folded graph has a (folded) state: folding it again returns an equal one
         raise FoldError(
             "this module has no LoRA to fold: merge_lora takes the graph module inject_lora (or "
             "load_adapter) returned"
@@ -132,14 +129,13 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     folded: dict[str, torch.Tensor] = {}
     if adapters is not None and not state.folded:
         adapter_mix(state, adapters)  # unknown names fail before any work
-    feeds = _lora_inputs(gm.graph)
+    feeds = combine_inputs(gm.graph)
     for site in state.sites.values() if not state.folded else []:
         w0 = gm.get_parameter(site.param)
         _check_not_shared(gm.graph, feeds, site, names_by_param[id(w0)])
         folded[site.param] = folded_weight(gm, site, adapters)
 
     new = base_copy(gm)
-    own_stateless_modules(new)
     replaced: dict[int, nn.Parameter] = {}
     for name, p in list(new.named_parameters(remove_duplicate=False)):
         if id(p) in replaced:
@@ -153,7 +149,6 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
         else:
             continue
         set_parameter(new, name, replaced[id(p)])
-    new._lora = copy.copy(state)
-    new._lora.folded = True
-    new.train(gm.training)
+    # the folded graph keeps what was adapted and the report, not the adapters (they are in its weights)
+    new.lora_state = replace(state, sites=dict(state.sites), adapters={}, active=[], folded=True, weight_form=set())
     return new

@@ -1,15 +1,29 @@
-"""The module capture, inject and merge return: an fx GraphModule that behaves like the model."""
+"""The module capture, inject and merge return: an fx GraphModule that behaves like the model.
+
+Its public state is typed: `capture_info` (how it was captured, so calls with other inputs, dtype and
+device moves can capture the model again) and `lora_state` (the adapters, see `lora_fx.state`).
+It survives what users do to modules: `copy.deepcopy`, `pickle` / `torch.save`, `.to(dtype)`,
+`.to(device)`, `train()` / `eval()`.
+"""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.fx.node import map_aggregate, map_arg
+from torch.utils import _pytree as pytree
 
-from ._modules import copy_non_persistent
-from .errors import InputsError
+from .errors import InputsError, TargetError
+from .paths import copy_graph, copy_non_persistent, own_stateless_modules, resolve, set_module
+from .report import InjectReport
+from .state import LoraState
+
+# how to build a graph of the same model for other inputs (or after a dtype / device move), sharing
+# the primary graph's weights: capture.recapture, or its LoRA-aware version in lora_fx.attach
+Recapture = Callable[["LoraGraphModule", Any], "LoraGraphModule"]
 
 
 @dataclass
@@ -22,6 +36,7 @@ class CaptureInfo:
     positional: bool = False  # captured positionally (a forward that takes *args)
     example_inputs: Any = None  # the (cloned) inputs captured with: a dict, or a tuple if positional
     notes: list[str] = field(default_factory=list)
+    recapture: Recapture | None = None  # None: this graph cannot be captured again (no source)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Name every call input as the forward does; drop inputs left at a default of None."""
@@ -44,6 +59,9 @@ class CaptureInfo:
             named[name] = value
         return named
 
+    def can_recapture(self) -> bool:
+        return self.source is not None and self.recapture is not None and self.example_inputs is not None
+
 
 class LoraGraphModule(torch.fx.GraphModule):
     """A captured model as an fx graph.
@@ -54,6 +72,9 @@ class LoraGraphModule(torch.fx.GraphModule):
     every parameter (LoRA's included), so training and evaluation see one set of weights.
     """
 
+    capture_info: CaptureInfo | None
+    lora_state: LoraState | None
+
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, class_name: str = "LoraGraphModule"):
         super().__init__(root, graph, class_name)
         copy_non_persistent(root, self)
@@ -61,14 +82,14 @@ class LoraGraphModule(torch.fx.GraphModule):
             if hasattr(root, attr):
                 setattr(self, attr, getattr(root, attr))
         self.meta = dict(getattr(root, "meta", {}))
-        self._capture: CaptureInfo | None = getattr(root, "_capture", None)
-        self._lora = getattr(root, "_lora", None)  # LoraState, set by inject_lora
+        self.capture_info = getattr(root, "capture_info", None)
+        self.lora_state = getattr(root, "lora_state", None)
         object.__setattr__(self, "_variants", {})
 
     # -- signature: what tools that inspect forward (transformers.Trainer) see -------------------
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name == "_capture":
+        if name == "capture_info":
             self._apply_signature()
 
     def recompile(self):
@@ -79,7 +100,7 @@ class LoraGraphModule(torch.fx.GraphModule):
     def _apply_signature(self) -> None:
         """Give forward the model's own signature, so e.g. Trainer keeps the `labels` column; calls with
         inputs the graph was not captured with are routed to a re-capture by __call__."""
-        cap = self.__dict__.get("_capture")
+        cap = self.__dict__.get("capture_info")
         if cap is None or cap.signature is None or cap.positional:
             return
         me = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -89,7 +110,7 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     # -- calls ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        cap = self._capture
+        cap = self.capture_info
         if cap is None or cap.positional or cap.signature is None or torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         if not args and len(kwargs) == len(cap.input_names) and all(k in kwargs for k in cap.input_names):
@@ -99,27 +120,231 @@ class LoraGraphModule(torch.fx.GraphModule):
             return super().__call__(**inputs)
         return self.variant(inputs)(**inputs)
 
-    def variant(self, inputs: dict[str, Any]) -> "LoraGraphModule":
+    def variant(self, inputs: dict[str, Any]) -> LoraGraphModule:
         """The graph for another set of inputs, captured on first use and cached."""
         key = frozenset(inputs)
         found = self._variants.get(key)
         if found is None:
-            cap = self._capture
-            if cap.source is None:
+            cap = self.capture_info
+            if not cap.can_recapture():
                 raise InputsError(
                     f"this graph was captured with inputs {list(cap.input_names)} and was called with "
                     f"{sorted(inputs)}; its source model is not available to capture again. Capture "
                     f"with those inputs: pass example_inputs={{{', '.join(repr(k) for k in sorted(inputs))}: ...}}"
                 )
-            from .inject import build_variant  # inject builds graphs; this module only routes calls
-
-            found = build_variant(self, inputs)
+            found = cap.recapture(self, inputs)
             self._variants[key] = found
         if found.training != self.training:
             found.train(self.training)
         return found
 
     @property
-    def lora_report(self):
+    def variants(self) -> dict[frozenset, LoraGraphModule]:
+        """The graphs captured so far for other sets of inputs (a copy of the cache, by input names)."""
+        return dict(self._variants)
+
+    def forget_variants(self) -> None:
+        """Drop the graphs captured for other inputs; they are captured again on their next call
+        (after the LoRA subgraph changed, or weights were replaced)."""
+        self._variants.clear()
+
+    @property
+    def lora_report(self) -> InjectReport | None:
         """What inject_lora did (see `lora_fx.report.InjectReport`); None on a plain capture."""
-        return self._lora.report if self._lora is not None else None
+        return self.lora_state.report if self.lora_state is not None else None
+
+    # -- copies, pickles, dtype and device moves --------------------------------------------------
+    def _deepcopy_init(self):
+        return LoraGraphModule.__init__
+
+    def __deepcopy__(self, memo):
+        # the user's model is the capture's recipe, not part of the copy: share it; the graphs for
+        # other inputs are captured again by the copy when needed
+        if self.capture_info is not None and self.capture_info.source is not None:
+            memo.setdefault(id(self.capture_info.source), self.capture_info.source)
+        memo.setdefault(id(self._variants), {})
+        res = super().__deepcopy__(memo)
+        res.train(self.training)
+        return res
+
+    def __copy__(self):
+        res = LoraGraphModule(self, self.graph)
+        res.train(self.training)
+        return res
+
+    def __reduce__(self):
+        # torch pickles a GraphModule as its code and traces it again on load, which loses the node
+        # metadata LoRA lives by (which nodes are LoRA's, module paths) and fails on export's tracer;
+        # pickle the graph's nodes instead
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_variants", "_code", "_lineno_map")}
+        return (_unpickle, (body, encode_graph(self.graph)))
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.double()`, `.cuda()` ...: the weights move as in any module; the graph, whose
+        dtypes and devices torch.export baked in, is captured again at the new ones."""
+        probe = next((t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()), None)
+        before = None if probe is None else (probe.dtype, probe.device)
+        after = None if probe is None else _probe_move(fn, probe)
+        cap = self.capture_info
+        moved = before != after
+        if moved and before[0] != after[0] and (cap is None or not cap.can_recapture()):
+            raise InputsError(
+                f"cannot convert this graph from {before[0]} to {after[0]}: torch.export fixed the dtypes "
+                "in it and its source model is not available to capture it again. Convert the model "
+                "first, then capture / inject it."
+            )
+        super()._apply(fn, recurse)
+        if self.lora_state is not None:
+            self.lora_state.map_tensors(fn)
+        if cap is not None and cap.example_inputs is not None:
+            self.capture_info = replace(cap, example_inputs=pytree.tree_map_only(torch.Tensor, fn, cap.example_inputs))
+        self._variants.clear()
+        if moved:
+            if self.capture_info is not None and self.capture_info.can_recapture():
+                self._adopt(self.capture_info.recapture(self, self.capture_info.example_inputs))
+            else:
+                move_devices(self.graph, before[1], after[1])
+                self.recompile()
+        return self
+
+    def _adopt(self, other: LoraGraphModule) -> None:
+        """Take `other`'s graph (built over this module's weights) and the stateless modules it calls."""
+        for node in other.graph.find_nodes(op="call_module"):
+            set_module(self, node.target, other.get_submodule(node.target))
+        for node in other.graph.find_nodes(op="get_attr"):
+            if resolve(self, node.target) is None:
+                raise InputsError(f"re-captured graph reads {node.target}, which this module lacks")
+        self.graph = other.graph
+        for attr in ("_in_spec", "_out_spec"):
+            if hasattr(other, attr):
+                setattr(self, attr, getattr(other, attr))
+        self.train(self.training)
+
+
+# ------------------------------------------------------------------------------------------- guards
+def unfolded_lora(module) -> LoraState | None:
+    """The LoRA state of `module` when it holds LoRA that is not folded; None for anything else
+    (a plain capture, a folded graph, a module lora-fx did not return)."""
+    state = getattr(module, "lora_state", None) if isinstance(module, LoraGraphModule) else None
+    return state if state is not None and not state.folded else None
+
+
+def require_lora(module, doing: str, error: type[Exception] = TargetError) -> LoraState:
+    """`unfolded_lora(module)`, or `error` saying that `doing` needs a graph with LoRA."""
+    state = unfolded_lora(module)
+    if state is None:
+        what = ("a folded graph" if isinstance(module, LoraGraphModule) and module.lora_state is not None
+                else "a graph without LoRA" if isinstance(module, LoraGraphModule) else f"a {type(module).__name__}")
+        raise error(
+            f"{doing} needs a graph with unfolded LoRA (what inject_lora or load_adapter returns); got {what}"
+        )
+    return state
+
+
+def derived(gm: LoraGraphModule, graph: torch.fx.Graph) -> LoraGraphModule:
+    """A new graph module running `graph` over `gm`'s weights, with its own stateless modules (so it
+    switches train / eval on its own), in `gm`'s mode."""
+    new = LoraGraphModule(gm, graph)
+    own_stateless_modules(new)
+    new.train(gm.training)
+    return new
+
+
+def copy_of(gm: LoraGraphModule) -> LoraGraphModule:
+    """`derived` over a copy of `gm`'s own graph."""
+    return derived(gm, copy_graph(gm.graph))
+
+
+# ------------------------------------------------------------------------------- device moves
+def _probe_move(fn, probe: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    """Where `fn` sends a tensor like `probe`, found on an empty one (no copy of the weights)."""
+    moved = fn(torch.empty(0, dtype=probe.dtype, device=probe.device))
+    return moved.dtype, moved.device
+
+
+def move_devices(graph: torch.fx.Graph, old: torch.device, new: torch.device) -> None:
+    """Re-point devices baked into node arguments from `old` to `new` (as torch.export's
+    move_to_device_pass does), for graphs that cannot be captured again."""
+    def swap(v):
+        return new if isinstance(v, torch.device) and v == old else v
+
+    for node in graph.nodes:
+        node.args = map_aggregate(node.args, swap)
+        node.kwargs = map_aggregate(node.kwargs, swap)
+
+
+# ------------------------------------------------------------------------------------- pickling
+@dataclass(frozen=True)
+class _NodeRef:  # not a tuple: fx's map_aggregate would walk into it
+    name: str
+
+
+class _OpRef(NamedTuple):
+    """An operator overload by name (OpOverload objects do not pickle)."""
+
+    namespace: str
+    op: str
+    overload: str
+
+    def resolve(self):
+        return getattr(getattr(getattr(torch.ops, self.namespace), self.op), self.overload)
+
+
+_KEPT_META = ("nn_module_stack", "lora_fx", "stack_trace")
+
+
+def _encode_target(target):
+    if isinstance(target, torch._ops.OpOverload):
+        return _OpRef(target.namespace, target._schema.name.split("::", 1)[1], target._overloadname)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _OpRef("higher_order", target.name(), "")
+    return target
+
+
+def _decode_target(target):
+    if isinstance(target, _OpRef):
+        op = getattr(getattr(torch.ops, target.namespace), target.op)
+        return getattr(op, target.overload) if target.overload else op
+    return target
+
+
+def _encode_meta(meta: dict) -> dict:
+    out = {k: meta[k] for k in _KEPT_META if k in meta}
+    if "nn_module_stack" in out:  # module classes as names: a class defined in a function does not pickle
+        out["nn_module_stack"] = {
+            k: (path, typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}")
+            for k, (path, typ) in out["nn_module_stack"].items()
+        }
+    return out
+
+
+def encode_graph(graph: torch.fx.Graph) -> tuple[list, Any]:
+    """A picklable description of `graph`: its nodes in order (with the metadata lora-fx reads) and
+    its code generator (the pytree input / output specs)."""
+    nodes = []
+    for n in graph.nodes:
+        args, kwargs = map_arg((n.args, n.kwargs), lambda a: _NodeRef(a.name))
+        nodes.append((n.name, n.op, _encode_target(n.target), args, kwargs, _encode_meta(n.meta)))
+    return nodes, graph._codegen
+
+
+def decode_graph(data: tuple[list, Any]) -> torch.fx.Graph:
+    nodes, codegen = data
+    graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    for name, op, target, args, kwargs, meta in nodes:
+        args, kwargs = map_aggregate((args, kwargs), lambda a: env[a.name] if isinstance(a, _NodeRef) else a)
+        node = graph.create_node(op, _decode_target(target), tuple(args), dict(kwargs), name=name)
+        node.meta = dict(meta)
+        env[name] = node
+    graph._codegen = codegen
+    return graph
+
+
+def _unpickle(body: dict, graph_data) -> LoraGraphModule:
+    root = nn.Module()
+    root.__dict__.update(body)
+    gm = LoraGraphModule(root, decode_graph(graph_data))
+    gm.train(body.get("training", False))
+    return gm
+

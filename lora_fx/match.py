@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .report import NearMiss
+from .state import Block, Site
 
 aten = torch.ops.aten
 
@@ -26,33 +28,6 @@ MATMUL_OPS = {aten.mm.default: 1, aten.matmul.default: 1, aten.addmm.default: 2}
 TRANSPOSE_OPS = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
 # ops that read a 2-D weight as a table, not as a linear map
 TABLE_OPS = {aten.embedding.default, aten._embedding_bag.default, aten.embedding_bag.padding_idx}
-
-
-@dataclass(frozen=True)
-class Block:
-    """Rows [start, stop) of a weight's output dimension that get their own LoRA update."""
-
-    index: int
-    start: int
-    stop: int
-
-
-@dataclass
-class Site:
-    """One adapted weight."""
-
-    param: str  # the weight's name in the graph module (its get_attr target)
-    owner: str  # the module path the target matched
-    holder: str  # the module path where lora_A / lora_B live
-    layout: str  # "out_in" (nn.Linear, F.linear) or "in_out" (GPT-2 Conv1D)
-    in_features: int
-    out_features: int
-    blocks: tuple[Block, ...]  # rows that get an update
-    fused: bool  # blocks come from a fused-projection spec (named per block)
-
-    def max_rank(self) -> int:
-        """The largest rank a LoRA update of this weight can have: min(in, rows) over blocks."""
-        return min(min(self.in_features, b.stop - b.start) for b in self.blocks)
 
 
 @dataclass
@@ -71,16 +46,6 @@ class Match:
     site: Site
     uses: list[Use]
     left_alone: list[str] = field(default_factory=list)  # consumers not adapted, and why
-
-
-@dataclass(frozen=True)
-class NearMiss:
-    target: str
-    path: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.target!r}" + (f" -> {self.path}" if self.path else "") + f": {self.reason}"
 
 
 @dataclass
@@ -271,6 +236,57 @@ def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
     return matches
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a weight a target names is not adapted."""
+
+    reason: str
+    quiet: bool = False  # not news: a bias of a named module, anything "all-linear" skips
+
+
+def _key(spec: TargetSpec, name: str, exclude: str | None) -> str | None:
+    """The entry of `spec` that names parameter `name` (by its module path, or by its own path for
+    a parameter that is not a module's `.weight`), or None."""
+    owner, leaf = _owner(name)
+    if spec.all_linear:
+        return "all-linear" if owner != exclude else None
+    key = spec.which(owner)
+    if key is None and leaf != "weight":
+        key = spec.which(name)
+    return key
+
+
+def _refusal(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables: list) -> Refusal | None:
+    """None when LoRA can adapt weight `name` as it is used; else why not."""
+    leaf = _owner(name)[1]
+    if p.dim() != 2:
+        quiet = (p.dim() == 1 and spec.all_linear) or (leaf != "weight" and p.dim() < 2)
+        return Refusal(f"is {p.dim()}-D {tuple(p.shape)}; LoRA adapts 2-D weights consumed by linear-like ops", quiet)
+    if not uses and tables:
+        return Refusal(f"is read as a table by {tables[0].target} (an embedding), not by a linear-like op; LoRA "
+                       "here adapts linear layers only", spec.all_linear)
+    if not uses:
+        return Refusal("is not used by the captured forward", spec.all_linear)
+    if spec.all_linear and all(u.kind == "weight" for u in uses):
+        return Refusal("is not a linear layer (only split or reshaped)", quiet=True)
+    if len({u.layout for u in uses if u.layout}) > 1:
+        return Refusal("is used both as [out, in] and as [in, out]; cannot adapt it consistently")
+    return None
+
+
+def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, uses: list[Use], two_d_leaves: list[str]) -> Site:
+    """The site for weight `name`: its layout, sizes, adapted row blocks, and where LoRA lives."""
+    owner, leaf = _owner(name)
+    p = gm.get_parameter(name)
+    layout = next((u.layout for u in uses if u.layout), "out_in")  # weight-form uses only: PyTorch's [out, in]
+    out_f, in_f = (p.shape[0], p.shape[1]) if layout == "out_in" else (p.shape[1], p.shape[0])
+    blocks, fused = parse_blocks(spec.blocks.get(key), out_f, name)
+    # LoRA lives on the module for its `.weight` (PEFT's place); a module's other 2-D parameters
+    # (nn.MultiheadAttention's in_proj_weight next to out_proj) get a holder of their own
+    holder = owner if (leaf == "weight" or two_d_leaves == [leaf]) else f"{owner}.{leaf}_lora".lstrip(".")
+    return Site(name, owner, holder, layout, int(in_f), int(out_f), blocks, fused)
+
+
 def match_weights(
     gm: nn.Module,
     spec: TargetSpec,
@@ -282,73 +298,40 @@ def match_weights(
     `exclude` is a module path never adapted by "all-linear" (the model's output layer, as PEFT).
     """
     names_by_param: dict[int, list[str]] = {}
-    params: dict[int, torch.Tensor] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(p), []).append(name)
-        params[id(p)] = p
     get_attrs = _get_attrs(gm.graph)
+    two_d: dict[str, list[str]] = {}  # owner path -> its 2-D parameter leaves
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if p.dim() == 2:
+            two_d.setdefault(_owner(name)[0], []).append(_owner(name)[1])
 
     matches: list[Match] = []
     near: list[NearMiss] = []
-    matched_keys: set[str] = set()
-    adapted_keys: set[str] = set()
-    owners_seen: dict[str, list[str]] = {}  # owner path -> param leaves it has
-    for pid, names in names_by_param.items():
+    named: set[str] = set()  # spec entries that name some parameter
+    adapted: set[str] = set()  # spec entries that adapt some weight
+    for names in names_by_param.values():
         for name in names:
-            owners_seen.setdefault(_owner(name)[0], []).append(_owner(name)[1])
-
-    for pid, names in names_by_param.items():
-        p = params[pid]
-        for name in names:
-            owner, leaf = _owner(name)
-            key = None
-            if spec.all_linear:
-                key = "all-linear" if owner != exclude else None
-            else:
-                key = spec.which(owner)
-                if key is None and leaf != "weight":
-                    key = spec.which(name)
+            key = _key(spec, name, exclude)
             if key is None:
                 continue
-            matched_keys.add(key)
-            if p.dim() != 2:
-                if p.dim() != 1 or not spec.all_linear:  # biases and norms: silent under all-linear
-                    if leaf == "weight" or p.dim() > 2:
-                        near.append(NearMiss(key, name, f"is {p.dim()}-D {tuple(p.shape)}; LoRA adapts 2-D weights consumed by linear-like ops"))
+            named.add(key)
+            uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
+            refusal = _refusal(spec, name, gm.get_parameter(name), uses, tables)
+            if refusal is not None:
+                if not refusal.quiet:
+                    near.append(NearMiss(key, name, refusal.reason))
                 continue
-            uses, tables, left_alone = _uses(get_attrs, names, owner)
-            if not uses and tables:
-                if not spec.all_linear:
-                    near.append(NearMiss(key, name, f"is read as a table by {tables[0].target} (an embedding), not by a linear-like op; LoRA here adapts linear layers only"))
-                continue
-            if not uses:
-                if not spec.all_linear:
-                    near.append(NearMiss(key, name, "is not used by the captured forward"))
-                continue
-            if spec.all_linear and all(u.kind == "weight" for u in uses):
-                continue  # "all-linear" means linear layers; a weight only split or reshaped is not one
             if tables:
                 near.append(NearMiss(key, name, f"is also read as a table by {tables[0].target}; that read is left unadapted"))
-            layouts = {u.layout for u in uses if u.layout}
-            if len(layouts) > 1:
-                near.append(NearMiss(key, name, "is used both as [out, in] and as [in, out]; cannot adapt it consistently"))
-                continue
-            layout = layouts.pop() if layouts else "out_in"  # only weight-form uses: PyTorch's [out, in]
-            out_f, in_f = (p.shape[0], p.shape[1]) if layout == "out_in" else (p.shape[1], p.shape[0])
-            blocks, fused = parse_blocks(spec.blocks.get(key), out_f, name)
-            two_d = [leaf_ for leaf_ in owners_seen.get(owner, []) if gm.get_parameter(f"{owner}.{leaf_}" if owner else leaf_).dim() == 2]
-            holder = owner if (leaf == "weight" or two_d == [leaf]) else f"{owner}.{leaf}_lora".lstrip(".")
-            site = Site(name, owner, holder, layout, int(in_f), int(out_f), blocks, fused)
-            matches.append(Match(site, uses, left_alone))
-            adapted_keys.add(key)
+            matches.append(Match(_site(gm, spec, key, name, uses, two_d.get(_owner(name)[0], [])), uses, left_alone))
+            adapted.add(key)
             break  # one site per parameter, under the first of its names that matched
 
-    for key in spec.keys():
-        if key not in matched_keys:
-            near.append(NearMiss(key, None, "matches no module path"))
+    near += [NearMiss(key, None, "matches no module path") for key in spec.keys() if key not in named]
     if not matches:
         raise TargetError(no_match_message(gm, spec, near))
-    refused = [k for k in matched_keys if k not in adapted_keys and k in spec.names + list(spec.blocks)]
+    refused = [k for k in named if k not in adapted and k in spec.names + list(spec.blocks)]
     if refused:
         why = "; ".join(str(n) for n in near if n.target in refused)
         raise TargetError(f"targets {refused} match only weights that LoRA cannot adapt: {why}. Remove them from targets.")

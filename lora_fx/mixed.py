@@ -15,12 +15,14 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-from ._modules import own_stateless_modules, set_module
-from .adapters import _state, adapter_weights, base_copy
-from .errors import ConfigError
-from .graph_module import CaptureInfo, LoraGraphModule
-from .match import Site, rematch
+from . import slot
+from .attach import base_copy
+from .errors import AdapterNameError, ConfigError
+from .graph_module import CaptureInfo, LoraGraphModule, require_lora
+from .match import rematch
+from .paths import set_module
 from .rewrite import LORA_META
+from .state import Site
 
 INDEX = "adapter_index"
 
@@ -53,18 +55,20 @@ class MixedLora(nn.Module):
 
 def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
     """An inference graph serving `names` in one batch, chosen per row by the `adapter_index` input."""
-    state = _state(gm)
+    state = require_lora(gm, "mixed_adapters")
     names = list(names)
-    unknown = [n for n in names if n not in state.adapters]
-    if unknown or not names:
-        raise ConfigError(f"cannot mix adapters {names}: this graph has {sorted(state.adapters)}")
-    cap = gm._capture
+    if not names:
+        raise ConfigError(f"name the adapters to mix, e.g. {sorted(state.adapters)}")
+    try:
+        state.check_names(names)
+    except AdapterNameError as e:
+        raise AdapterNameError(f"cannot mix adapters {names}: {e}") from None
+    cap = gm.capture_info
     if cap is None or cap.positional or cap.example_inputs is None:
         raise ConfigError("mixed_adapters needs a graph captured with keyword inputs")
-    weights = {n: adapter_weights(gm, n) for n in names}
+    weights = {n: slot.read(gm, state, n) for n in names}
 
     mixed = base_copy(gm)
-    own_stateless_modules(mixed)
     graph = mixed.graph
     sites = list(state.sites.values())
     matches = rematch(mixed, sites)
@@ -113,8 +117,8 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
         *[p for p in cap.signature.parameters.values() if p.kind is not p.VAR_KEYWORD],
         inspect.Parameter(INDEX, inspect.Parameter.KEYWORD_ONLY),
     ])
-    mixed._lora = None
-    mixed._capture = CaptureInfo(source=None, signature=signature, input_names=(*cap.input_names, INDEX),
+    mixed.lora_state = None
+    mixed.capture_info = CaptureInfo(source=None, signature=signature, input_names=(*cap.input_names, INDEX),
                                  example_inputs=example, notes=[f"mixed adapters: {names}"])
     mixed.recompile()
     mixed.eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._modules import free_path, innermost_module_path, innermost_module_type, set_module
+from .paths import free_path, innermost_module_path, innermost_module_type, set_module
 
 aten = torch.ops.aten
 DROPOUT = aten.dropout.default

@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .match import NearMiss
+
+@dataclass(frozen=True)
+class NearMiss:
+    """A target that matched something LoRA did not adapt, and why."""
+
+    target: str
+    path: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.target!r}" + (f" -> {self.path}" if self.path else "") + f": {self.reason}"
 
 
 @dataclass

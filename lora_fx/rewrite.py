@@ -11,82 +11,16 @@ find them.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
-from torch import nn
 
-from ._modules import resolve, set_module
-from .match import Match, Site
+from .match import Match
+from .slot import LORA_A, LORA_B, dropout_path, scale_path, weight_path
+from .state import Site
 
 aten = torch.ops.aten
 LORA_META = "lora_fx"
-
-
-class LoraScaling(nn.Module):
-    """Per-rank-row scaling (alpha / rank of the adapter owning the row; 0 for unused rows)."""
-
-    def __init__(self, rank: int, device=None, dtype=None):
-        super().__init__()
-        self.register_buffer("scale", torch.zeros(rank, device=device, dtype=dtype), persistent=False)
-
-
-def lora_path(site: Site, which: str, slot: str, block_index: int | None = None) -> str:
-    """Where a LoRA weight lives: `<holder>.lora_A.<slot>.weight` (PEFT's names), or
-    `<holder>.lora_A.<slot>.block<i>.weight` for a block of a fused projection."""
-    if site.fused:
-        return f"{site.holder}.{which}.{slot}.block{block_index}.weight"
-    return f"{site.holder}.{which}.{slot}.weight"
-
-
-def scale_path(site: Site, slot: str) -> str:
-    return f"{site.holder}.lora_scaling.{slot}.scale"
-
-
-def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fresh adapter's (A, B) for every block of a site: A random, B zero."""
-    out = []
-    for block in site.blocks:
-        a = torch.empty(rank, site.in_features, device=like.device, dtype=like.dtype)
-        if init == "gaussian":  # the paper's A ~ N(0, sigma^2); sigma = 1/r as PEFT's "gaussian"
-            nn.init.normal_(a, std=1 / rank)
-        else:  # "kaiming": loralib's and PEFT's default (nn.Linear's own init)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        b = torch.zeros(block.stop - block.start, rank, device=like.device, dtype=like.dtype)  # B = 0
-        out.append((a, b))
-    return out
-
-
-def install_slot(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, like: torch.Tensor) -> None:
-    """Create (or resize) a site's slot: lora_A / lora_B holders of `rank` rows, its scaling, dropout."""
-    kw = dict(bias=False, device=like.device, dtype=like.dtype)
-
-    def holder(which):
-        found = resolve(gm, f"{site.holder}.{which}")
-        if found is None:
-            found = nn.ModuleDict()
-            set_module(gm, f"{site.holder}.{which}", found)
-        return found
-
-    a_mods = {f"block{b.index}": nn.Linear(site.in_features, rank, **kw) for b in site.blocks}
-    b_mods = {f"block{b.index}": nn.Linear(rank, b.stop - b.start, **kw) for b in site.blocks}
-    for mods in (a_mods, b_mods):
-        for m in mods.values():
-            nn.init.zeros_(m.weight)
-    holder("lora_A")[slot] = nn.ModuleDict(a_mods) if site.fused else a_mods["block0"]
-    holder("lora_B")[slot] = nn.ModuleDict(b_mods) if site.fused else b_mods["block0"]
-    holder("lora_scaling")[slot] = LoraScaling(rank, device=like.device, dtype=like.dtype)
-    drops = holder("lora_dropout")
-    if dropout > 0:
-        drops[slot] = nn.Dropout(dropout)
-    elif slot in drops:
-        del drops[slot]
-
-
-def slot_rank(gm: nn.Module, site: Site, slot: str) -> int:
-    scaling = resolve(gm, scale_path(site, slot))
-    return 0 if scaling is None else scaling.shape[0]
 
 
 class _Builder:
@@ -119,13 +53,13 @@ class _Builder:
 def _branch(b: _Builder, site: Site, slot: str, x: torch.fx.Node, dropout: bool) -> torch.fx.Node:
     """B @ (scale * A @ dropout(x)), zero-padded to the full output when only some rows adapt."""
     if dropout:
-        x = b.module(f"{site.holder}.lora_dropout.{slot}", x)
+        x = b.module(dropout_path(site, slot), x)
     scale = b.get_attr(scale_path(site, slot))
     total = None
     for block in site.blocks:
-        h = b.call(aten.linear.default, x, b.get_attr(lora_path(site, "lora_A", slot, block.index)))
+        h = b.call(aten.linear.default, x, b.get_attr(weight_path(site, LORA_A, slot, block.index)))
         h = b.call(aten.mul.Tensor, h, scale)
-        h = b.call(aten.linear.default, h, b.get_attr(lora_path(site, "lora_B", slot, block.index)))
+        h = b.call(aten.linear.default, h, b.get_attr(weight_path(site, LORA_B, slot, block.index)))
         if site.fused:
             h = b.call(aten.constant_pad_nd.default, h, [block.start, site.out_features - block.stop])
         total = h if total is None else b.call(aten.add.Tensor, total, h)
@@ -137,8 +71,8 @@ def _weight_delta(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
     scale = b.get_attr(scale_path(site, slot))
     total = None
     for block in site.blocks:
-        a = b.get_attr(lora_path(site, "lora_A", slot, block.index))
-        bs = b.call(aten.mul.Tensor, b.get_attr(lora_path(site, "lora_B", slot, block.index)), scale)
+        a = b.get_attr(weight_path(site, LORA_A, slot, block.index))
+        bs = b.call(aten.mul.Tensor, b.get_attr(weight_path(site, LORA_B, slot, block.index)), scale)
         h = b.call(aten.mm.default, bs, a)
         if site.fused:
             h = b.call(aten.constant_pad_nd.default, h, [0, 0, block.start, site.out_features - block.stop])
@@ -147,8 +81,9 @@ def _weight_delta(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
 
 
 def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropout: set[str]) -> Counter:
-    """Rewrite every use of every matched weight; returns how many uses of each kind were rewritten.
-    `dropout` names the sites (by weight) whose LoRA input goes through a dropout module."""
+    """Rewrite every use of every matched weight to read the LoRA slot named `slot`; returns how many
+    uses of each kind were rewritten. `dropout` names the sites (by weight) whose LoRA input goes
+    through the slot's dropout module."""
     counts: Counter = Counter()
     graph = gm.graph
     for match in matches:
@@ -177,6 +112,17 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
 
 def lora_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if LORA_META in n.meta]
+
+
+def combine_inputs(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The base values LoRA combines with: the first input of every "combine" node."""
+    return {n.args[0] for n in graph.nodes if n.meta.get(LORA_META, {}).get("role") == "combine"}
+
+
+def weight_form_sites(graph: torch.fx.Graph) -> set[str]:
+    """Sites (weight names) whose weight itself is adapted (W + s*B@A) somewhere in the graph."""
+    return {n.meta[LORA_META]["param"] for n in graph.nodes
+            if n.meta.get(LORA_META, {}).get("role") == "combine" and n.args[0].op == "get_attr"}
 
 
 def strip_lora(graph: torch.fx.Graph) -> None:

@@ -13,7 +13,7 @@ from .graph_module import LoraGraphModule
 
 def save_graph(gm: LoraGraphModule, path) -> Path:
     """Write `gm` (as traced at its capture inputs, in eval mode) to a .pt2 file."""
-    cap = gm._capture
+    cap = gm.capture_info
     if cap is None or cap.example_inputs is None:
         raise InputsError("save_graph needs a graph that lora_fx captured (it re-traces at the capture inputs)")
     inputs = cap.example_inputs
@@ -31,7 +31,7 @@ def save_graph(gm: LoraGraphModule, path) -> Path:
 
 def load_graph(path) -> torch.fx.GraphModule:
     """The graph module saved by `save_graph` (or any torch.export .pt2 file)."""
-    try:  # ModelOutput classes register as pytree nodes when defined; the file's out_spec names them
+    try:  # optional: ModelOutput classes register as pytree nodes when defined; the file's out_spec names them
         import transformers.modeling_outputs  # noqa: F401
     except ImportError:
         pass

@@ -1,7 +1,35 @@
-"""Small helpers shared by the tests."""
+"""What the tests share: small models, inputs, LoRA helpers, snapshots, and the architecture rows
+built once per session (`Built`)."""
 from __future__ import annotations
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import export
+import lora_fx
+
+# second shape every row also runs at (the capture is at 2 x 7)
+B1, S1, B2, S2 = 2, 7, 3, 11
+VOCAB = 64
+
+
+def token_ids(batch: int = B1, seq: int = S1, seed: int = 0, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
+    """{"input_ids": ...} drawn from a generator of its own (the global RNG stream is left alone)."""
+    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))}
+
+
+def tiny_llama(**kw):
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32,
+                                      bos_token_id=1, eos_token_id=2)).eval()
 
 
 def first_tensor(out) -> torch.Tensor:
@@ -20,12 +48,23 @@ def max_abs(a, b) -> float:
 
 
 def randomize_lora(gm, std=0.2, seed=1):
-    """Give every lora_B (and lora_A) random values so LoRA changes the output."""
+    """Give every lora_A and lora_B random values so LoRA changes the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for p in lora_fx.lora_parameters(gm).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def train(gm, batch, target, steps=15, lr=2e-2):
+    """A few AdamW steps of MSE towards `target` on one batch; leaves `gm` in eval mode."""
+    gm.train()
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(first_tensor(gm(**batch)), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    gm.eval()
 
 
 def snapshot(model):
@@ -47,3 +86,56 @@ def assert_unchanged(model, snap):
     for k, v in before_b.items():
         assert torch.equal(buffers[k], v), f"buffer {k} changed"
     assert modes == before_m, "module train/eval modes changed"
+
+
+def peft_forward(peft_model, batch):
+    """PEFT's output on the regular MHA path: nn.TransformerEncoder's eval fast path reads
+    in_proj_weight directly and skips PEFT's wrapper (its LoRA then has no effect)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return peft_model(**batch)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+class Built:
+    """One architecture row (tests/models.py), built once per session and shared by every battery:
+    the model, its one capture, graphs injected from that capture, and their ONNX exports."""
+
+    def __init__(self, case):
+        torch.manual_seed(0)
+        self.case = case
+        self.model = case.build().eval()
+        self.batch = case.batch(self.model, B1, S1)
+        self.snap = snapshot(self.model)
+        self.base = lora_fx.capture(self.model, self.batch)  # the row's only trace of the model
+        self.gm = self.inject()  # at init: B = 0
+        self.gm.eval()
+        self._cache: dict = {}
+
+    def inject(self, **kw):
+        return lora_fx.inject_lora(self.base, self.case.targets, rank=4, alpha=8, trainable=self.case.trainable, **kw)
+
+    def random_b(self):
+        """An injected graph with random A and B (built once; tests must not change it)."""
+        if "random_b" not in self._cache:
+            gm = self.inject()
+            randomize_lora(gm)
+            self._cache["random_b"] = gm.eval()
+        return self._cache["random_b"]
+
+    def folded(self):
+        """merge_lora of random_b() (built once)."""
+        if "folded" not in self._cache:
+            self._cache["folded"] = lora_fx.merge_lora(self.random_b())
+        return self._cache["folded"]
+
+    def onnx(self, which: str, directory):
+        """The row's ONNX export of "base" (the capture), "folded" or "lora" (random_b unfolded), made
+        once into `directory`."""
+        key = ("onnx", which)
+        if key not in self._cache:
+            module = {"base": self.base, "folded": self.folded(), "lora": self.random_b()}[which]
+            self._cache[key] = export.export_onnx(module, directory / f"{self.case.name}-{which}.onnx")
+        return self._cache[key]

@@ -1,4 +1,4 @@
-"""The core battery: every architecture in tests/models.py through the same seven checks."""
+"""The core battery: every architecture in tests/models.py through the same eight checks."""
 from __future__ import annotations
 
 import copy
@@ -7,15 +7,14 @@ import pytest
 import torch
 
 import lora_fx
-from battery import B2, S2
-from helpers import assert_unchanged, first_tensor, max_abs
+from helpers import B2, S2, assert_unchanged, first_tensor, max_abs, peft_forward
 
 
 def _loss(out, target):
     return torch.nn.functional.mse_loss(first_tensor(out).float(), target)
 
 
-def test_1_output_unchanged_at_init(built):
+def test_output_unchanged_at_init(built):
     with torch.no_grad():
         assert max_abs(built.gm(**built.batch), built.model(**built.batch)) <= 1e-6
     report = built.gm.lora_report
@@ -23,10 +22,10 @@ def test_1_output_unchanged_at_init(built):
     assert_unchanged(built.model, built.snap)
 
 
-def test_2_only_lora_trains_and_loss_falls(built):
+def test_only_lora_trains_and_loss_falls(built):
     gm = built.inject()
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
-    lora = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
+    lora = set(lora_fx.lora_parameters(gm))
     copied = {n for n in trainable if n not in lora}
     assert lora and all(any(n.startswith(t + ".") or f".{t}." in n for t in built.case.trainable) for n in copied)
     assert gm.lora_report.trainable_params == sum(p.numel() for n, p in gm.named_parameters() if n in trainable)
@@ -41,8 +40,9 @@ def test_2_only_lora_trains_and_loss_falls(built):
         loss = _loss(gm(**built.batch), target)
         loss.backward()
         if step == 0:
+            lora_b = lora_fx.lora_parameters(gm, lora_fx.LORA_B)
             for name, p in gm.named_parameters():
-                if ".lora_B." in name:
+                if name in lora_b:
                     assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
                 elif not p.requires_grad:
                     assert p.grad is None, f"base weight {name} got a gradient"
@@ -57,9 +57,9 @@ def test_2_only_lora_trains_and_loss_falls(built):
     assert_unchanged(built.model, built.snap)
 
 
-def test_3_folded_equals_unfolded(built):
+def test_folded_equals_unfolded(built):
     gm = built.random_b()
-    folded = lora_fx.merge_lora(gm)
+    folded = built.folded()
     with torch.no_grad():
         unfolded_out = gm(**built.batch)
         assert max_abs(unfolded_out, built.model(**built.batch)) > 1e-6  # LoRA does change the output
@@ -67,9 +67,9 @@ def test_3_folded_equals_unfolded(built):
     assert_unchanged(built.model, built.snap)
 
 
-def test_4_folded_graph_is_the_original(built):
+def test_folded_graph_is_the_original(built):
     gm = built.random_b()
-    folded = lora_fx.merge_lora(gm)
+    folded = built.folded()
     diff = lora_fx.graph_diff(built.base, folded)
     assert diff.identical, str(diff)
     assert not lora_fx.graph_diff(built.base, gm).identical
@@ -79,16 +79,16 @@ def test_4_folded_graph_is_the_original(built):
         assert max_abs(again(**built.batch), folded(**built.batch)) == 0
 
 
-def test_5_runs_at_other_shapes(built):
+def test_runs_at_other_shapes(built):
     gm = built.random_b()
-    folded = lora_fx.merge_lora(gm)
+    folded = built.folded()
     other = built.case.batch(built.model, B2, S2, seed=3)
     with torch.no_grad():
         assert max_abs(built.gm(**other), built.model(**other)) <= 1e-6
         assert max_abs(folded(**other), gm(**other)) <= 1e-5
 
 
-def test_6_eval_is_deterministic_and_train_is_the_models(built):
+def test_eval_is_deterministic_and_train_is_the_models(built):
     gm = built.gm
     with torch.no_grad():
         gm.eval()
@@ -112,22 +112,21 @@ def test_6_eval_is_deterministic_and_train_is_the_models(built):
         assert max_abs(t1, ref) <= 1e-6, "train-mode graph differs from the model in train mode"
 
 
-def test_8_equals_the_definition(built):
+def test_unfolded_equals_the_definition(built):
     """Unfolded output = the untouched model with W0 + scaling * B @ A written into its weights."""
-    from lora_fx.fold import delta_weight
-
     gm = built.random_b()
     reference = copy.deepcopy(built.model)
+    lora = lora_fx.lora_parameters(gm)
     with torch.no_grad():
-        for site in gm._lora.sites.values():
-            reference.get_parameter(site.param).add_(delta_weight(gm, site))
+        for site in gm.lora_state.sites.values():
+            reference.get_parameter(site.param).add_(lora_fx.delta_weight(gm, site))
         for name, p in gm.named_parameters():
-            if p.requires_grad and ".lora_" not in name:
+            if p.requires_grad and name not in lora:
                 reference.get_parameter(name).copy_(p)
         assert max_abs(gm(**built.batch), reference(**built.batch)) <= 1e-5
 
 
-def test_7_same_as_peft(built):
+def test_same_as_peft(built):
     if built.case.peft is None:
         pytest.skip("PEFT does not support these targets (fused blocks / parameters)")
     from peft import LoraConfig, get_peft_model
@@ -135,22 +134,16 @@ def test_7_same_as_peft(built):
     gm = built.random_b()
     peft_model = get_peft_model(copy.deepcopy(built.model), LoraConfig(r=4, lora_alpha=8, **built.case.peft)).eval()
     peft_params = dict(peft_model.named_parameters())
+    lora = lora_fx.lora_parameters(gm)
     with torch.no_grad():
         for name, p in gm.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
+            if name in lora:
                 key = _peft_key(name, peft_params)
                 peft_params[key].copy_(p)
             elif p.requires_grad:  # trainable copy: PEFT's modules_to_save copy
                 key = next(k for k in peft_params if k.endswith(name.replace(".weight", ".modules_to_save.default.weight").replace(".bias", ".modules_to_save.default.bias")))
                 peft_params[key].copy_(p)
-        # nn.TransformerEncoder's eval fast path reads in_proj_weight directly and skips PEFT's
-        # MultiheadAttention wrapper (PEFT's LoRA then has no effect); compare on the regular path.
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            assert max_abs(gm(**built.batch), peft_model(**built.batch)) <= 1e-6
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        assert max_abs(gm(**built.batch), peft_forward(peft_model, built.batch)) <= 1e-6
 
 
 def _peft_key(name: str, peft_params: dict) -> str:

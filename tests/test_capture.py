@@ -3,24 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_fx
-from helpers import assert_unchanged, max_abs, snapshot
-
-
-def tiny_llama(**kw):
-    torch.manual_seed(0)
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg.update(kw)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+from helpers import assert_unchanged, max_abs, snapshot, tiny_llama, token_ids
 
 
 def test_inputs_built_from_config_and_output_type_kept():
     model = tiny_llama()
     gm = lora_fx.capture(model)
-    ids = torch.randint(0, 64, (3, 9))
+    ids = token_ids(3, 9)["input_ids"]
     out = gm(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert type(out) is type(model(input_ids=ids))
     assert max_abs(out, model(input_ids=ids, attention_mask=torch.ones_like(ids))) == 0
@@ -29,25 +20,25 @@ def test_inputs_built_from_config_and_output_type_kept():
 
 def test_sliced_batch_as_example_then_ordinary_tensors():
     model = tiny_llama()
-    batch = torch.randint(0, 64, (8, 16))
+    batch = token_ids(8, 16)["input_ids"]
     gm = lora_fx.capture(model, {"input_ids": batch[:2]})  # a view: torch.export would guard on its base
-    fresh = torch.randint(0, 64, (5, 12))
+    fresh = token_ids(5, 12, seed=1)["input_ids"]
     assert max_abs(gm(input_ids=fresh), model(input_ids=fresh)) == 0
     assert max_abs(gm(input_ids=batch[2:6]), model(input_ids=batch[2:6])) == 0
 
 
 def test_positional_and_keyword_calls_agree():
     model = tiny_llama()
-    ids = torch.randint(0, 64, (2, 7))
+    ids = token_ids()["input_ids"]
     gm = lora_fx.capture(model, (ids,))
     assert max_abs(gm(ids), gm(input_ids=ids)) == 0
-    assert len(gm._variants) == 0  # both bind to the same captured input
+    assert len(gm.variants) == 0  # both bind to the same captured input
 
 
 def test_undeclared_input_rejected_even_with_kwargs():
     model = tiny_llama()
     snap = snapshot(model)
-    ids = torch.randint(0, 64, (2, 7))
+    ids = token_ids()["input_ids"]
     with pytest.raises(lora_fx.InputsError, match=r"declares no input named \['input_idz'\].*did you mean 'input_ids'"):
         lora_fx.capture(model, {"input_idz": ids})
     with pytest.raises(lora_fx.InputsError, match="do not fit"):
@@ -89,7 +80,7 @@ def test_capture_restores_config_and_modes():
     gm = lora_fx.capture(model)
     assert model.config.use_cache is True
     assert {n: m.training for n, m in model.named_modules()} == modes
-    ids = torch.randint(0, 64, (2, 5))
+    ids = token_ids(2, 5)["input_ids"]
     assert max_abs(gm(input_ids=ids, attention_mask=torch.ones_like(ids)), model.eval()(input_ids=ids)) == 0
 
 
@@ -102,20 +93,20 @@ def test_parameters_are_the_models_own():
 
 def test_other_inputs_are_captured_on_the_fly():
     model = tiny_llama()
-    ids = torch.randint(0, 64, (2, 7))
+    ids = token_ids()["input_ids"]
     gm = lora_fx.capture(model, {"input_ids": ids})
     out = gm(input_ids=ids, labels=ids)  # labels were not in the capture
     assert torch.allclose(out.loss, model(input_ids=ids, labels=ids).loss, atol=1e-6)
-    assert len(gm._variants) == 1
+    assert len(gm.variants) == 1
     gm(input_ids=ids, labels=ids, attention_mask=None)  # None at its default is not an input
-    assert len(gm._variants) == 1
+    assert len(gm.variants) == 1
 
 
 def test_other_inputs_without_source_model_fail_clearly():
     model = tiny_llama()
-    ids = torch.randint(0, 64, (2, 7))
+    ids = token_ids()["input_ids"]
     gm = lora_fx.capture(model, {"input_ids": ids})
-    gm._capture.source = None
+    gm.capture_info.source = None
     with pytest.raises(lora_fx.InputsError, match=r"captured with inputs \['input_ids'\].*labels.*example_inputs="):
         gm(input_ids=ids, labels=ids)
 

@@ -1,65 +1,83 @@
 """`lora-fx diff` and the HTML view; export errors."""
+import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import export
 import lora_fx
+from export import cli
 from export.render import ADDED, CHANGED, WEIGHTS
-from helpers import randomize_lora
-from test_capture import tiny_llama
+from helpers import randomize_lora, token_ids
 
-IDS = {"input_ids": torch.randint(0, 64, (2, 7))}
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed (CI installs it)")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(llama, tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    model = tiny_llama()
-    gm = lora_fx.inject_lora(model, ["q_proj"], rank=2, example_inputs=IDS)
+    base = lora_fx.capture(llama, token_ids())
+    gm = lora_fx.inject_lora(base, ["q_proj"], rank=2)
     randomize_lora(gm)
     folded = lora_fx.merge_lora(gm)
     paths = {
-        "base": export.export_onnx(model, d / "base.onnx", IDS),
+        "base": export.export_onnx(base, d / "base.onnx"),
         "folded": export.export_onnx(folded, d / "folded.onnx"),
         "lora": export.export_onnx(gm, d / "lora.onnx"),
-        "base_pt2": lora_fx.save_graph(lora_fx.capture(model, IDS), d / "base.pt2"),
+        "base_pt2": lora_fx.save_graph(base, d / "base.pt2"),
         "folded_pt2": lora_fx.save_graph(folded, d / "folded.pt2"),
         "lora_pt2": lora_fx.save_graph(gm, d / "lora.pt2"),
     }
     return d, paths
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "lora_fx.cli", *map(str, args)], capture_output=True, text=True)
+@pytest.fixture()
+def run(capsys):
+    """`lora-fx ARGS` in this process: (exit status, stdout, stderr)."""
+
+    def call(*args):
+        code = cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return call
 
 
-def test_onnx_same_structure_exits_0(files):
+def test_the_command_runs_as_a_program(files):
+    """The installed entry point's module, in a process of its own (the other tests call main())."""
+    _, p = files
+    r = subprocess.run([sys.executable, "-m", "export.cli", "diff", str(p["base"]), str(p["folded"])],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "same structure" in r.stdout
+
+
+def test_onnx_same_structure_exits_0(files, run):
     _, p = files
     r = run("diff", p["base"], p["folded"])
     assert r.returncode == 0, r.stderr
     assert "same structure" in r.stdout and "changed initializer model.layers.0.self_attn.q_proj.weight" in r.stdout
 
 
-def test_onnx_different_structure_exits_1(files):
+def test_onnx_different_structure_exits_1(files, run):
     _, p = files
     r = run("diff", p["base"], p["lora"])
     assert r.returncode == 1, r.stderr
     assert "DIFFERENT structure" in r.stdout and "+ " in r.stdout and "~ " in r.stdout
 
 
-def test_saved_graphs(files):
+def test_saved_graphs(files, run):
     _, p = files
     assert run("diff", p["base_pt2"], p["folded_pt2"]).returncode == 0
     r = run("diff", p["base_pt2"], p["lora_pt2"])
     assert r.returncode == 1 and "graphs differ" in r.stdout
 
 
-def test_bad_arguments_exit_2(files):
+def test_bad_arguments_exit_2(files, run):
     d, p = files
     assert run("diff", p["base"], d / "missing.onnx").returncode == 2
     r = run("diff", p["base"], p["base_pt2"])
@@ -67,7 +85,7 @@ def test_bad_arguments_exit_2(files):
 
 
 @needs_dot
-def test_html_view_highlights_changes(files):
+def test_html_view_highlights_changes(files, run):
     d, p = files
     out = d / "view.html"
     r = run("diff", p["base"], p["lora"], "--html", out)
@@ -91,15 +109,15 @@ def test_html_without_dot_says_how_to_install(files, monkeypatch):
         render.onnx_diff_html(p["base"], p["folded"], p["base"].parent / "x.html")
 
 
-def test_export_to_missing_or_readonly_directory(tmp_path):
-    model = tiny_llama()
+def test_export_to_missing_or_readonly_directory(llama, tmp_path):
+    model, IDS = llama, token_ids()
     with pytest.raises(export.ExportError, match="does not exist"):
         export.export_onnx(model, tmp_path / "nope" / "m.onnx", IDS)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if not __import__("os").access(ro, __import__("os").W_OK):  # root can write anyway
+        if not os.access(ro, os.W_OK):  # root can write anyway
             with pytest.raises(export.ExportError, match="no write permission"):
                 export.export_onnx(model, ro / "m.onnx", IDS)
     finally:
@@ -113,7 +131,7 @@ def test_torch_export_failure_is_not_blamed_on_lora(tmp_path):
     model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                              num_local_experts=4, num_experts_per_tok=2)).eval()
-    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=2, example_inputs=IDS)
+    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=2, example_inputs=token_ids())
     with pytest.raises(export.ExportError, match="(?s)cannot export MixtralForCausalLM even without LoRA.*not caused by LoRA"):
         export.export_onnx(lora_fx.merge_lora(gm), tmp_path / "mixtral.onnx")
     with pytest.raises(export.ExportError, match="even without LoRA"):  # unfolded: the base is tried too

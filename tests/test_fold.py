@@ -3,18 +3,18 @@ import pytest
 import torch
 
 import lora_fx
-from helpers import assert_unchanged, max_abs, randomize_lora, snapshot
-from test_capture import tiny_llama
+from helpers import assert_unchanged, max_abs, randomize_lora, snapshot, token_ids
 
-IDS = {"input_ids": torch.randint(0, 64, (2, 7))}
+@pytest.fixture(scope="module")
+def base(llama):
+    return lora_fx.capture(llama, token_ids())
 
 
 @pytest.fixture()
-def injected():
-    model = tiny_llama()
-    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, example_inputs=IDS)
+def injected(llama, base):
+    gm = lora_fx.inject_lora(base, ["q_proj", "v_proj"], rank=4)
     randomize_lora(gm)
-    return model, gm
+    return llama, gm
 
 
 def test_fold_makes_new_tensors_and_leaves_everything_else(injected):
@@ -33,6 +33,7 @@ def test_fold_makes_new_tensors_and_leaves_everything_else(injected):
 
 def test_gm_keeps_training_after_a_fold(injected):
     _, gm = injected
+    IDS = token_ids()
     folded = lora_fx.merge_lora(gm)
     before = folded(**IDS).logits.detach()
     opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
@@ -42,19 +43,19 @@ def test_gm_keeps_training_after_a_fold(injected):
     assert max_abs(lora_fx.merge_lora(gm)(**IDS), gm(**IDS)) <= 1e-5
 
 
-def test_fold_of_unadapted_module_is_refused():
-    model = tiny_llama()
+def test_fold_of_unadapted_module_is_refused(llama, base):
     with pytest.raises(lora_fx.FoldError, match="no LoRA to fold"):
-        lora_fx.merge_lora(lora_fx.capture(model, IDS))
+        lora_fx.merge_lora(base)
     with pytest.raises(lora_fx.FoldError, match="no LoRA to fold"):
-        lora_fx.merge_lora(model)
+        lora_fx.merge_lora(llama)
 
 
 def test_nan_in_adapter_is_refused_by_name(injected):
     _, gm = injected
     snap = snapshot(gm)
     with torch.no_grad():
-        gm.get_parameter("model.layers.1.self_attn.v_proj.lora_B.default.weight")[0, 0] = float("nan")
+        lora_b = lora_fx.lora_parameters(gm, lora_fx.LORA_B)
+        next(p for n, p in lora_b.items() if n.startswith("model.layers.1.self_attn.v_proj."))[0, 0] = float("nan")
     with pytest.raises(lora_fx.FoldError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight hold NaN or inf"):
         lora_fx.merge_lora(gm)
     params, _, _ = snapshot(gm)
@@ -70,8 +71,8 @@ def test_low_precision_fold_accumulates_in_fp32_and_casts_once(dtype):
     randomize_lora(gm, std=0.05)
     folded = lora_fx.merge_lora(gm).get_parameter("0.weight")
     w0 = lin[0].weight.double()
-    a = gm.get_parameter("0.lora_A.default.weight").double()
-    b = gm.get_parameter("0.lora_B.default.weight").double()
+    (a,) = [p.double() for p in lora_fx.lora_parameters(gm, lora_fx.LORA_A).values()]
+    (b,) = [p.double() for p in lora_fx.lora_parameters(gm, lora_fx.LORA_B).values()]
     exact = w0 + 2.0 * b @ a
     assert folded.dtype == dtype
     ours = (folded.double() - exact).abs().max().item()

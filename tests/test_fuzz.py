@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -100,6 +101,7 @@ def cases(draw):
     return kinds, d, h, heads, targets, rank, alpha, dropout
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not CAMPAIGN, suppress_health_check=list(HealthCheck))
 @given(cases())
 def test_invariants_or_a_clear_error(case):

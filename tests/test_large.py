@@ -2,12 +2,14 @@
 import os
 
 import onnx
+import pytest
 import torch
 from torch import nn
 
 import export
 
 
+@pytest.mark.slow
 def test_export_over_2gb_goes_to_external_data(tmp_path):
     n = 23_200  # one n x n fp32 weight: 2.15 GB, past protobuf's 2 GB limit
     model = nn.Sequential(nn.Linear(n, n, bias=False))

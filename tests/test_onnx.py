@@ -1,20 +1,11 @@
-"""Deployment battery: every architecture row exported untouched and folded, diffed, run in ONNX Runtime."""
+"""Deployment battery: every architecture row exported untouched and folded, diffed, run in ONNX Runtime.
+Each row's exports are made once, from the row's one capture (see helpers.Built.onnx)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import export
-from battery import B2, S2
-from helpers import first_tensor
-
-
-@pytest.fixture(scope="module")
-def exported(built, tmp_path_factory):
-    d = tmp_path_factory.mktemp(built.case.name)
-    base = export.export_onnx(built.model, d / "base.onnx", built.batch)
-    folded = export.export_onnx(built.folded(), d / "folded.onnx")
-    return d, base, folded
+from helpers import B2, S2, first_tensor
 
 
 def _ort_vs_torch(path, module, inputs) -> float:
@@ -26,35 +17,29 @@ def _ort_vs_torch(path, module, inputs) -> float:
     return (out[0].float() - ref.float()).abs().max().item()
 
 
-def test_folded_export_is_the_untouched_export(built, exported):
-    _, base, folded = exported
-    diff = export.onnx_diff(base, folded)
+def test_folded_export_is_the_untouched_export(built, onnx_dir):
+    diff = export.onnx_diff(built.onnx("base", onnx_dir), built.onnx("folded", onnx_dir))
     assert diff.same_structure, str(diff)
     assert diff.same_names, str(diff)
-    adapted = set(built.random_b()._lora.sites)
-    assert set(diff.changed_initializers) == adapted, str(diff)
+    assert set(diff.changed_initializers) == set(built.random_b().lora_state.sites), str(diff)
 
 
-def test_onnx_runtime_runs_what_torch_runs(built, exported):
-    _, base, folded = exported
+def test_onnx_runtime_runs_what_torch_runs(built, onnx_dir):
     for shape in ((2, 7), (B2, S2)):
         inputs = built.case.batch(built.model, *shape, seed=7)
-        assert _ort_vs_torch(base, built.model, inputs) <= 1e-4
-        assert _ort_vs_torch(folded, built.folded(), inputs) <= 1e-4
+        assert _ort_vs_torch(built.onnx("base", onnx_dir), built.model, inputs) <= 1e-4
+        assert _ort_vs_torch(built.onnx("folded", onnx_dir), built.folded(), inputs) <= 1e-4
 
 
-def test_onnx_runtime_optimized_graphs_are_the_same(exported):
-    d, base, folded = exported
-    a = export.optimized_model(base, d / "base.opt.onnx")
-    b = export.optimized_model(folded, d / "folded.opt.onnx")
+def test_onnx_runtime_optimized_graphs_are_the_same(built, onnx_dir):
+    a = export.optimized_model(built.onnx("base", onnx_dir), onnx_dir / f"{built.case.name}-base.opt.onnx")
+    b = export.optimized_model(built.onnx("folded", onnx_dir), onnx_dir / f"{built.case.name}-folded.opt.onnx")
     diff = export.onnx_diff(a, b)
     assert diff.same_structure, str(diff)
 
 
-def test_unfolded_lora_graph_exports_and_runs(built, exported):
-    d, base, _ = exported
-    path = export.export_onnx(built.random_b(), d / "lora.onnx")
+def test_unfolded_lora_graph_exports_and_runs(built, onnx_dir):
+    path = built.onnx("lora", onnx_dir)
     inputs = built.case.batch(built.model, B2, S2, seed=9)
     assert _ort_vs_torch(path, built.random_b(), inputs) <= 1e-4
-    diff = export.onnx_diff(base, path)
-    assert not diff.same_structure  # the LoRA branch is there to see
+    assert not export.onnx_diff(built.onnx("base", onnx_dir), path).same_structure  # the LoRA branch is there to see

@@ -9,21 +9,9 @@ import torch
 
 import export
 import lora_fx
-from helpers import first_tensor, max_abs
-from test_capture import tiny_llama
+from helpers import first_tensor, max_abs, tiny_llama, token_ids, train
 
-IDS = {"input_ids": torch.randint(0, 64, (2, 7))}
 NAMES = ("a", "b", "c")
-
-
-def _train(gm, target, steps=8):
-    gm.train()
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=3e-2)
-    for _ in range(steps):
-        torch.nn.functional.mse_loss(first_tensor(gm(**IDS)), target).backward()
-        opt.step()
-        opt.zero_grad()
-    gm.eval()
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +20,26 @@ def served(tmp_path_factory):
     adapter export, an .onnx_adapter each, and each adapter folded and exported on its own."""
     d = tmp_path_factory.mktemp("serving")
     model = tiny_llama()
-    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, init="kaiming", adapter="a", example_inputs=IDS)
+    IDS = token_ids()
+    base = lora_fx.capture(model, IDS)
+    gm = lora_fx.inject_lora(base, ["q_proj", "v_proj"], rank=4, alpha=8, init="kaiming", adapter="a")
     lora_fx.add_adapter(gm, "b", rank=2, alpha=4, init="kaiming")
     lora_fx.add_adapter(gm, "c", ["q_proj", "v_proj", "o_proj"], rank=3, alpha=3, init="kaiming")
     with torch.no_grad():
         shape = first_tensor(gm(**IDS)).shape
     for i, name in enumerate(NAMES):
         lora_fx.set_adapter(gm, name)
-        _train(gm, torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+        train(gm, IDS, torch.randn(shape, generator=torch.Generator().manual_seed(i)), steps=8, lr=3e-2)
     multi = export.export_multi_adapter(gm, d / "multi.onnx")
     files, alone = {}, {}
     for name in NAMES:
         files[name] = export.export_adapter(gm, d / f"{name}.onnx_adapter", multi, name=name)
         alone[name] = export.export_onnx(lora_fx.merge_lora(gm, adapters=name), d / f"{name}_folded.onnx")
-    base = export.export_onnx(model, d / "base.onnx", IDS)
+    base_onnx = export.export_onnx(base, d / "base.onnx")
     server = export.AdapterServer(multi)
     for name in NAMES:
         server.load(name, files[name])
-    return model, gm, d, multi, server, alone, base
+    return model, gm, d, multi, server, alone, base_onnx
 
 
 def _ort(path, inputs):
@@ -58,7 +48,7 @@ def _ort(path, inputs):
 
 def test_each_adapter_equals_its_own_folded_export(served):
     _, _, _, _, server, alone, base = served
-    x = {"input_ids": torch.randint(0, 64, (3, 9))}
+    x = token_ids(3, 9, seed=1)
     outs = {n: server.run(x, adapter=n)[0] for n in NAMES}
     for name in NAMES:
         assert max_abs(outs[name], _ort(alone[name], x)) <= 1e-4
@@ -71,7 +61,7 @@ def test_each_adapter_equals_its_own_folded_export(served):
 
 def test_switching_a_hundred_times_is_stable(served):
     *_, server, _, _ = served
-    x = {"input_ids": torch.randint(0, 64, (2, 5))}
+    x = token_ids(2, 5, seed=2)
     first = {n: server.run(x, adapter=n)[0].clone() for n in NAMES}
     for i in range(100):
         name = NAMES[i % 3]
@@ -81,7 +71,7 @@ def test_switching_a_hundred_times_is_stable(served):
 def test_mixed_batch_equals_rows_run_alone_in_torch_and_onnx_runtime(served):
     model, gm, d, *_ = served
     mixed = lora_fx.mixed_adapters(gm, list(NAMES))
-    x = {"input_ids": torch.randint(0, 64, (5, 6))}
+    x = token_ids(5, 6, seed=3)
     index = torch.tensor([2, 0, -1, 1, 0])
     with torch.no_grad():
         out = mixed(**x, adapter_index=index).logits
@@ -105,20 +95,48 @@ def test_peft_folder_to_onnx_adapter(served, tmp_path):
                                                                  init_lora_weights=False)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     server.load("peft", export.export_adapter(tmp_path / "peft", tmp_path / "peft.onnx_adapter", multi))
-    x = {"input_ids": torch.randint(0, 64, (2, 8))}
+    x = token_ids(2, 8, seed=4)
     with torch.no_grad():
         assert max_abs(server.run(x, adapter="peft")[0], peft_model(**x).logits) <= 1e-4
 
 
 def test_refusals(served, tmp_path):
     model, gm, _, multi, server, _, _ = served
-    with pytest.raises(KeyError, match="no adapter 'zzz' loaded.*server.load"):
-        server.run(IDS, adapter="zzz")
-    big = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=8, example_inputs=IDS)
+    with pytest.raises(lora_fx.AdapterNameError, match="no adapter 'zzz' loaded.*server.load"):
+        server.run(token_ids(), adapter="zzz")
+    with pytest.raises(KeyError):  # an AdapterNameError is a KeyError too
+        server.run(token_ids(), adapter="zzz")
+    base = lora_fx.capture(model, token_ids())
+    big = lora_fx.inject_lora(base, ["q_proj", "v_proj"], rank=8)
     with pytest.raises(export.ExportError, match="rank 8 but the served model's slot holds 4"):
         export.export_adapter(big, tmp_path / "big.onnx_adapter", multi)
-    other = lora_fx.inject_lora(model, ["k_proj"], rank=2, example_inputs=IDS)
+    other = lora_fx.inject_lora(base, ["k_proj"], rank=2)
     with pytest.raises(export.ExportError, match="has no slot"):
         export.export_adapter(other, tmp_path / "k.onnx_adapter", multi)
-    with pytest.raises(lora_fx.ConfigError, match="cannot mix adapters"):
+    with pytest.raises(lora_fx.AdapterNameError, match="cannot mix adapters .*'nope'"):
         lora_fx.mixed_adapters(gm, ["a", "nope"])
+
+
+class SplitQKV(torch.nn.Module):
+    """A fused weight consumed by split (adapted as W + s*B@A), next to a plain linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.out = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv.weight.split(8)
+        return self.out(torch.nn.functional.linear(x, q) * torch.nn.functional.linear(x, v))
+
+
+def test_multi_adapter_export_refuses_an_adapter_added_on_a_weight_it_cannot_switch(tmp_path):
+    """The refusal looks at the graph as it is now, not at what inject_lora reported."""
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    gm = lora_fx.inject_lora(SplitQKV(), ["out"], rank=2, example_inputs=(x,))
+    assert gm.lora_state.weight_form == set()
+    lora_fx.add_adapter(gm, "split", ["qkv"], rank=2)
+    assert gm.lora_state.weight_form == {"qkv.weight"}
+    with pytest.raises(export.ExportError, match=r"\['qkv.weight'\] are adapted as weights"):
+        export.export_multi_adapter(gm, tmp_path / "multi.onnx")
+    assert not (tmp_path / "multi.onnx").exists()

@@ -1,4 +1,4 @@
-"""Small helpers for placing modules and parameters at dotted paths inside a GraphModule."""
+"""Small helpers for finding and placing modules, parameters and buffers at dotted paths."""
 from __future__ import annotations
 
 import copy
@@ -46,6 +46,13 @@ def set_parameter(root: nn.Module, path: str, value: nn.Parameter) -> None:
     parent, _, leaf = path.rpartition(".")
     owner = root.get_submodule(parent) if parent else root
     owner._parameters[leaf] = value
+
+
+def set_buffer(root: nn.Module, path: str, value: torch.Tensor) -> None:
+    """Point the buffer slot at `path` to `value` (the parent module must exist)."""
+    parent, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    owner._buffers[leaf] = value
 
 
 def free_path(root: nn.Module, base: str) -> str:

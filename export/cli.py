@@ -1,9 +1,14 @@
-"""The `lora-fx` command line: `lora-fx diff A B [--html OUT]`."""
+"""The `lora-fx` command line: `lora-fx diff A B [--html OUT]` (ONNX files or saved fx graphs)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+import lora_fx
+
+from .onnx_diff import onnx_diff
+from .render import graph_diff_html, onnx_diff_html
 
 
 def _diff(args) -> int:
@@ -14,25 +19,16 @@ def _diff(args) -> int:
             return 2
     kinds = {a.suffix, b.suffix}
     if kinds == {".onnx"}:
-        from export import onnx_diff
-
         diff = onnx_diff(a, b)
         print(diff)
         if args.html:
-            from export.render import onnx_diff_html
-
             print(f"wrote {onnx_diff_html(a, b, args.html, context=args.context)}")
         return 0 if diff.same_structure else 1
     if kinds == {".pt2"}:
-        from lora_fx.diff import graph_diff
-        from lora_fx.saved import load_graph
-
-        ga, gb = load_graph(a), load_graph(b)
-        diff = graph_diff(ga, gb)
+        ga, gb = lora_fx.load_graph(a), lora_fx.load_graph(b)
+        diff = lora_fx.graph_diff(ga, gb)
         print(diff)
         if args.html:
-            from export.render import graph_diff_html
-
             print(f"wrote {graph_diff_html(ga, gb, args.html, title=f'fx graph diff: {a} -> {b}', context=args.context)}")
         return 0 if diff.identical else 1
     print(f"lora-fx diff: compare two .onnx files or two .pt2 graphs (lora_fx.save_graph); got {a.suffix} and {b.suffix}",

@@ -1,0 +1,193 @@
+"""Attach: the one place an adapter enters a graph module.
+
+`inject_lora`, `add_adapter` and `load_adapter` each match their targets once, resolve every site's
+rank, alpha and weights into an `Adapter` (`new_adapter`), and hand it to `attach_adapter`, which adds
+it to the graph's LoRA state, sizes the slots and, where a site is new or a slot too small, rebuilds
+the LoRA subgraph (`relayout`: the only graph change; switching adapters later only copies weights).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .capture import recapture
+from .errors import ConfigError, TargetError
+from .graph_module import LoraGraphModule, derived
+from .match import rematch
+from .paths import copy_graph
+from .rewrite import insert_lora, strip_lora, weight_form_sites
+from . import slot
+from .state import Adapter, LoraConfig, LoraState, Site, Weights
+
+INITS = ("gaussian", "kaiming")
+
+
+# ---------------------------------------------------------------------------------- checks
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name must be a non-empty string without dots, got {name!r}")
+
+
+def check_hparams(rank, alpha, dropout, init) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ConfigError(f"rank must be a positive int (the paper uses 1-64), got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+        raise ConfigError(f"alpha must be a positive number (scaling = alpha / rank), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ConfigError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise ConfigError(f"init must be one of {INITS} (paper: 'gaussian'; PEFT default: 'kaiming'), got {init!r}")
+
+
+def pattern_value(pattern: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path ending in it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _check_rank(site: Site, r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"rank for {site.owner} must be a positive int, got {r!r}")
+    if r > site.max_rank():
+        rows = min(b.stop - b.start for b in site.blocks)
+        raise ConfigError(
+            f"rank {r} is larger than min(in={site.in_features}, out={rows}) = {site.max_rank()} of "
+            f"{site.param}; choose rank <= {site.max_rank()}"
+        )
+
+
+def _check_alpha(site: Site, a) -> None:
+    if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or not a > 0:
+        raise ConfigError(f"alpha for {site.owner} must be a positive number, got {a!r}")
+
+
+def check_weights(weights: Weights, sites: list[Site], ranks: dict[str, int]) -> None:
+    """Given adapter weights ({weight name: [(A, B) per block]}) fit the sites exactly."""
+    by_param = {s.param: s for s in sites}
+    missing = sorted(set(by_param) - set(weights))
+    extra = sorted(set(weights) - set(by_param))
+    if missing or extra:
+        raise TargetError(f"adapter weights do not fit the model: missing for {missing[:5]}, unexpected for {extra[:5]}")
+    for param, pairs in weights.items():
+        site = by_param[param]
+        if len(pairs) != len(site.blocks):
+            raise TargetError(f"{param}: {len(pairs)} weight blocks given, {len(site.blocks)} expected")
+        r = ranks[param]
+        for block, (a, b) in zip(site.blocks, pairs):
+            want_a, want_b = (r, site.in_features), (block.stop - block.start, r)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise TargetError(
+                    f"{param}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit this model, which "
+                    f"needs {want_a} / {want_b} (wrong base model, or wrong rank?)"
+                )
+
+
+# ---------------------------------------------------------------------------------- adapters
+def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fresh adapter's (A, B) for every block of a site: A random, B zero."""
+    out = []
+    for block in site.blocks:
+        a = torch.empty(rank, site.in_features, device=like.device, dtype=like.dtype)
+        if init == "gaussian":  # the paper's A ~ N(0, sigma^2); sigma = 1/r as PEFT's "gaussian"
+            nn.init.normal_(a, std=1 / rank)
+        else:  # "kaiming": loralib's and PEFT's default (nn.Linear's own init)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(block.stop - block.start, rank, device=like.device, dtype=like.dtype)  # B = 0
+        out.append((a, b))
+    return out
+
+
+def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site], weights: Weights | None = None,
+                ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None) -> Adapter:
+    """An adapter over `sites`: ranks and alphas from `config` (its patterns) unless given per site,
+    weights checked against them, or initialised as the paper does (A random, B zero)."""
+    if ranks is None:
+        ranks = {s.param: pattern_value(config.rank_pattern, s.owner, config.rank) for s in sites}
+    if alphas is None:
+        alphas = {s.param: pattern_value(config.alpha_pattern, s.owner, config.alpha) for s in sites}
+    for site in sites:
+        _check_rank(site, ranks[site.param])
+        _check_alpha(site, alphas[site.param])
+    if weights is None:
+        weights = {s.param: init_weights(s, ranks[s.param], config.init, gm.get_parameter(s.param)) for s in sites}
+    else:
+        check_weights(weights, sites, ranks)
+    return Adapter(name, config, {s.param: ranks[s.param] for s in sites},
+                   {s.param: float(alphas[s.param]) for s in sites}, weights)
+
+
+# ---------------------------------------------------------------------------------- the core
+def start_lora(gm: LoraGraphModule, slot_name: str, trainable_modules: list[str], exclude: str | None) -> LoraState:
+    """Give a graph without LoRA an empty LoRA state, whose slots will carry `slot_name`."""
+    gm.lora_state = LoraState(slot=slot_name, sites={}, adapters={}, active=[], trainable_modules=trainable_modules,
+                              exclude=exclude)
+    if gm.capture_info is not None:  # graphs for other inputs get the LoRA subgraph too
+        gm.capture_info = replace(gm.capture_info, recapture=recapture_with_lora)
+    return gm.lora_state
+
+
+def attach_adapter(gm: LoraGraphModule, sites: list[Site], adapter: Adapter, activate: bool = False) -> dict[str, int]:
+    """Add `adapter` (over `sites`, already matched and checked) to `gm`; activate it alone when asked.
+    Returns the rewritten uses by kind when the LoRA subgraph was rebuilt, else {}."""
+    state = gm.lora_state
+    if adapter.name in state.adapters:
+        raise ConfigError(f"adapter {adapter.name!r} exists; delete_adapter it first or choose another name")
+    for site in sites:
+        known = state.sites.get(site.param)
+        if known is not None and known.blocks != site.blocks:
+            raise ConfigError(f"{site.param} is adapted with other row blocks by another adapter; use the same blocks")
+    slot.write_back(gm, state)
+    state.adapters[adapter.name] = adapter
+    state.sites.update({s.param: s for s in sites if s.param not in state.sites})
+    if activate:
+        state.active = [adapter.name]
+    if any(not slot.fits(gm, state, s) for s in state.sites.values()):  # a new site, or too few rows
+        return relayout(gm)
+    slot.fill(gm, state)
+    return {}
+
+
+def relayout(gm: LoraGraphModule) -> dict[str, int]:
+    """(Re)build the LoRA subgraph for every site, each slot sized to what its adapters need, and
+    put the active adapters in. Changes the graph (and so recompiles): only adding or deleting
+    adapters, or activating a set that does not fit, calls it."""
+    state = gm.lora_state
+    strip_lora(gm.graph)
+    for site in state.sites.values():
+        r, p = slot.needed_rank(state, site.param), slot.dropout_p(state, site.param)
+        if slot.rank_of(gm, site, state.slot) != r or slot.has_dropout(gm, site, state.slot) != (p > 0):
+            slot.install(gm, site, state.slot, r, p, gm.get_parameter(site.param))
+    dropout = {param for param in state.sites if slot.dropout_p(state, param) > 0}
+    counts = insert_lora(gm, rematch(gm, list(state.sites.values())), state.slot, dropout)
+    state.weight_form = weight_form_sites(gm.graph)
+    gm.forget_variants()  # captures for other inputs are rebuilt on their next call
+    slot.fill(gm, state)
+    return dict(counts)
+
+
+def base_copy(gm: LoraGraphModule) -> LoraGraphModule:
+    """A graph module over `gm`'s weights running `gm`'s graph without the LoRA nodes: what matching
+    sees, and what fold and mixed batches start from."""
+    graph = copy_graph(gm.graph)
+    strip_lora(graph)
+    return derived(gm, graph)
+
+
+def recapture_with_lora(primary: LoraGraphModule, inputs) -> LoraGraphModule:
+    """`capture.recapture`, plus the primary's LoRA slots and subgraph (the very same parameters),
+    so a graph for other inputs trains and switches adapters together with the primary."""
+    new = recapture(primary, inputs)
+    state = primary.lora_state
+    if state is not None and not state.folded:
+        slot.share(primary, new, state)
+        dropout = {p for p, s in state.sites.items() if slot.has_dropout(primary, s, state.slot)}
+        insert_lora(new, rematch(new, list(state.sites.values())), state.slot, dropout)
+    new.lora_state = state
+    return new

@@ -1,0 +1,264 @@
+"""The LoRA slot: where one adapted weight's LoRA lives in the graph module, its names, and its contents.
+
+Per adapted weight (a site) the graph holds one slot, named after the first adapter (PEFT's names):
+
+    <holder>.lora_A.<slot>.weight        [R, in]    (.block<i>.weight per block of a fused projection)
+    <holder>.lora_B.<slot>.weight        [rows, R]
+    <holder>.lora_scaling.<slot>.scale   [R]        alpha / rank of the adapter owning each row; 0 if unused
+    <holder>.lora_dropout.<slot>         nn.Dropout, when an adapter on the site has LoRA dropout
+
+R is the rank the active adapters need side by side (at least the largest adapter's). Activating
+adapters copies their weights into the slot in place, zero-padded (which is exact), so switching needs
+no new graph and no recompile. Inactive adapters live outside the graph (`Adapter.weights`); an active
+adapter's weights exist only in the slot (that is what trains). This module is the only place that
+spells these names, in the graph module and in PEFT's files.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .graph_module import LoraGraphModule
+from .paths import resolve, set_module
+from .state import Adapter, LoraState, Site, Weights
+
+LORA_A, LORA_B = "lora_A", "lora_B"
+FILE_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+
+_MODULE_NAME = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
+_FILE_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])(?:\.block(?P<block>\d+))?\.weight$")
+_SCALE_NAME = re.compile(r"^(?P<holder>.+)\.lora_scaling\.(?P<slot>[^.]+)\.scale$")
+
+
+class LoraScaling(nn.Module):
+    """Per-rank-row scaling (alpha / rank of the adapter owning the row; 0 for unused rows)."""
+
+    def __init__(self, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.register_buffer("scale", torch.zeros(rank, device=device, dtype=dtype), persistent=False)
+
+
+# ----------------------------------------------------------------------------------------- names
+def weight_path(site: Site, which: str, slot: str, block_index: int) -> str:
+    """Where a LoRA weight lives: `<holder>.lora_A.<slot>.weight`, or `...<slot>.block<i>.weight`."""
+    if site.fused:
+        return f"{site.holder}.{which}.{slot}.block{block_index}.weight"
+    return f"{site.holder}.{which}.{slot}.weight"
+
+
+def scale_path(site: Site, slot: str) -> str:
+    return f"{site.holder}.lora_scaling.{slot}.scale"
+
+
+def dropout_path(site: Site, slot: str) -> str:
+    return f"{site.holder}.lora_dropout.{slot}"
+
+
+@dataclass(frozen=True)
+class LoraName:
+    """A LoRA weight's name taken apart."""
+
+    holder: str  # module path the weight belongs to
+    which: str  # LORA_A or LORA_B
+    slot: str | None  # the adapter / slot name (None in PEFT's files, which hold one adapter)
+    block: int | None  # block of a fused projection, None for a whole weight
+
+    @property
+    def slot_free(self) -> str:
+        """The name without the slot: `<holder>.lora_A[.block<i>].weight` (PEFT's file keys, unprefixed)."""
+        return f"{self.holder}.{self.which}{'' if self.block is None else f'.block{self.block}'}.weight"
+
+    def matches(self, site: Site) -> bool:
+        """Whether this weight belongs to `site` (its holder, fused or not, one of its blocks)."""
+        if self.holder != site.holder or (self.block is None) == site.fused:
+            return False
+        return (self.block or 0) in {b.index for b in site.blocks}
+
+
+def _name(m: re.Match | None, slot: bool) -> LoraName | None:
+    if m is None:
+        return None
+    return LoraName(m["holder"], m["which"], m["slot"] if slot else None, None if m["block"] is None else int(m["block"]))
+
+
+def parse_name(name: str) -> LoraName | None:
+    """A graph module's LoRA weight name (`...q_proj.lora_A.default.weight`) taken apart, or None."""
+    return _name(_MODULE_NAME.match(name), slot=True)
+
+
+def parse_slot_free(name: str) -> LoraName | None:
+    """A slot-free LoRA weight name (`<holder>.lora_A[.block<i>].weight`) taken apart, or None."""
+    return _name(_FILE_KEY.match(name), slot=False)
+
+
+def parse_file_key(key: str) -> LoraName | None:
+    """A PEFT file key (`base_model.model.<holder>.lora_A.weight`) taken apart, or None for a key
+    that is not a LoRA weight (a modules_to_save weight)."""
+    return parse_slot_free(key[len(FILE_PREFIX):]) if key.startswith(FILE_PREFIX) else None
+
+
+def file_key(site: Site, which: str, block_index: int) -> str:
+    """The key PEFT's files use for one LoRA weight of `site`."""
+    return FILE_PREFIX + LoraName(site.holder, which, None, block_index if site.fused else None).slot_free
+
+
+def slot_free_name(name: str, slot: str) -> str | None:
+    """The slot-independent name of a LoRA weight or scale of `slot` (`<holder>.lora_A.weight`,
+    `<holder>.lora_scaling`), or None for any other name."""
+    parsed = parse_name(name)
+    if parsed is not None and parsed.slot == slot:
+        return parsed.slot_free
+    m = _SCALE_NAME.match(name)
+    if m is not None and m["slot"] == slot:
+        return f"{m['holder']}.lora_scaling"
+    return None
+
+
+def lora_parameters(gm: nn.Module, which: str | None = None) -> dict[str, nn.Parameter]:
+    """The LoRA weights in `gm` by name (both, or only LORA_A / LORA_B): what trains, what to
+    initialise or inspect. Empty for a module without LoRA."""
+    out = {}
+    for name, p in gm.named_parameters():
+        parsed = parse_name(name)
+        if parsed is not None and (which is None or parsed.which == which):
+            out[name] = p
+    return out
+
+
+# ------------------------------------------------------------------------------------- shape
+def rank_of(gm: nn.Module, site: Site, slot: str) -> int:
+    """Rows the slot of `site` has now (0 if it has none yet)."""
+    scaling = resolve(gm, scale_path(site, slot))
+    return 0 if scaling is None else scaling.shape[0]
+
+
+def needed_rank(state: LoraState, param: str) -> int:
+    """Rows a site's slot needs: the largest adapter on it, or the active ones side by side."""
+    ranks = [a.ranks[param] for a in state.adapters.values() if param in a.ranks]
+    active = sum(state.adapters[n].ranks.get(param, 0) for n in state.active)
+    return max(ranks + [active, 1])
+
+
+def dropout_p(state: LoraState, param: str) -> float:
+    """The LoRA dropout a site's slot applies: the largest of the adapters on it (0: no module)."""
+    return max((a.config.dropout for a in state.adapters.values() if param in a.ranks), default=0.0)
+
+
+def has_dropout(gm: nn.Module, site: Site, slot: str) -> bool:
+    return resolve(gm, dropout_path(site, slot)) is not None
+
+
+def fits(gm: nn.Module, state: LoraState, site: Site) -> bool:
+    """Whether the slot of `site` has the rows and the dropout module the adapters need."""
+    return (rank_of(gm, site, state.slot) >= needed_rank(state, site.param)
+            and has_dropout(gm, site, state.slot) == (dropout_p(state, site.param) > 0))
+
+
+def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, like: torch.Tensor) -> None:
+    """Create (or resize) a site's slot: zero lora_A / lora_B of `rank` rows, zero scaling, and a
+    dropout module when `dropout` > 0."""
+    kw = dict(bias=False, device=like.device, dtype=like.dtype)
+
+    def holder(which):
+        found = resolve(gm, f"{site.holder}.{which}")
+        if found is None:
+            found = nn.ModuleDict()
+            set_module(gm, f"{site.holder}.{which}", found)
+        return found
+
+    def zero_linear(n_in, n_out):  # nn.Linear for PEFT's layout, without a random init to throw away
+        m = nn.utils.skip_init(nn.Linear, n_in, n_out, **kw)
+        nn.init.zeros_(m.weight)
+        return m
+
+    a_mods = {f"block{b.index}": zero_linear(site.in_features, rank) for b in site.blocks}
+    b_mods = {f"block{b.index}": zero_linear(rank, b.stop - b.start) for b in site.blocks}
+    holder(LORA_A)[slot] = nn.ModuleDict(a_mods) if site.fused else a_mods["block0"]
+    holder(LORA_B)[slot] = nn.ModuleDict(b_mods) if site.fused else b_mods["block0"]
+    holder("lora_scaling")[slot] = LoraScaling(rank, device=like.device, dtype=like.dtype)
+    drops = holder("lora_dropout")
+    if dropout > 0:
+        drops[slot] = nn.Dropout(dropout).train(gm.training)  # a new module must not switch dropout on in eval
+    elif slot in drops:
+        del drops[slot]
+
+
+# ---------------------------------------------------------------------------------- contents
+def tensors(gm: nn.Module, site: Site, slot: str) -> tuple[torch.Tensor, list[tuple[nn.Parameter, nn.Parameter]]]:
+    """A site's slot as it is: the scale buffer and (lora_A, lora_B) per block."""
+    pairs = [(gm.get_parameter(weight_path(site, LORA_A, slot, b.index)),
+              gm.get_parameter(weight_path(site, LORA_B, slot, b.index))) for b in site.blocks]
+    return gm.get_buffer(scale_path(site, slot)), pairs
+
+
+def placement(state: LoraState, param: str, names: list[str]) -> list[tuple[Adapter, int]]:
+    """Where each adapter in `names` sits in a site's slot rows: (adapter, first row)."""
+    out, offset = [], 0
+    for name in names:
+        adapter = state.adapters[name]
+        if param in adapter.ranks:
+            out.append((adapter, offset))
+            offset += adapter.ranks[param]
+    return out
+
+
+def read(gm: nn.Module, state: LoraState, name: str) -> Weights:
+    """Adapter `name`'s weights: copies out of the slots when it is active, else its own."""
+    adapter = state.adapter(name)
+    if name not in state.active:
+        return adapter.weights
+    out = {}
+    for param, site in state.sites.items():
+        for owner, offset in placement(state, param, state.active):
+            if owner is adapter:
+                r = adapter.ranks[param]
+                out[param] = [(a[offset:offset + r].detach().clone(), b[:, offset:offset + r].detach().clone())
+                              for a, b in tensors(gm, site, state.slot)[1]]
+    return out
+
+
+def write_back(gm: nn.Module, state: LoraState) -> None:
+    """Move the active adapters' weights out of the slots into their own copies (before the slots change)."""
+    for name in state.active:
+        state.adapters[name].weights = read(gm, state, name)
+
+
+def fill(gm: nn.Module, state: LoraState) -> None:
+    """Move the active adapters into the slots (in place) and drop their own copies, so an adapter's
+    weights exist once; `write_back` moves them out again."""
+    with torch.no_grad():
+        for param, site in state.sites.items():
+            scale, slots = tensors(gm, site, state.slot)
+            scale.zero_()
+            for a_slot, b_slot in slots:
+                a_slot.zero_()
+                b_slot.zero_()
+            placed = placement(state, param, state.active)
+            for adapter, offset in placed:
+                r = adapter.ranks[param]
+                for (a_slot, b_slot), (a, b) in zip(slots, adapter.weights[param]):
+                    a_slot[offset:offset + r].copy_(a)
+                    b_slot[:, offset:offset + r].copy_(b)
+                scale[offset:offset + r] = adapter.scaling(param)
+            drop = resolve(gm, dropout_path(site, state.slot))
+            if drop is not None and placed:
+                drop.p = placed[0][0].config.dropout
+    for name in state.active:
+        state.adapters[name].weights = None
+
+
+def scales(gm: nn.Module, state: LoraState) -> list[torch.Tensor]:
+    """Every site's scale buffer (zeroing them turns LoRA off without touching its weights)."""
+    return [gm.get_buffer(scale_path(site, state.slot)) for site in state.sites.values()]
+
+
+def share(primary: LoraGraphModule, other: LoraGraphModule, state: LoraState) -> None:
+    """Give `other` the very slot modules of `primary` (a graph of the same model for other inputs)."""
+    for site in state.sites.values():
+        for which in (LORA_A, LORA_B, "lora_scaling", "lora_dropout"):
+            module = resolve(primary, f"{site.holder}.{which}")
+            if module is not None:
+                set_module(other, f"{site.holder}.{which}", module)
