@@ -86,6 +86,7 @@ def main():
             tiny().__class__(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=64)), tmp / "good", example_inputs=ids)),
         ("save into a missing directory", lambda: lora_fx.save_adapter(gm, tmp / "a" / "b" / "c")),
+        ("an adapter name the graph does not have", lambda: lora_fx.set_adapter(gm, "topic")),
         ("ONNX export to a missing directory", lambda: export.export_onnx(model, tmp / "x" / "m.onnx", ids)),
     ]
     print("| bad input | error | message |\n|---|---|---|")

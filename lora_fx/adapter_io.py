@@ -285,6 +285,7 @@ def validate_config(config: dict, where) -> dict:
         "rank_pattern": dict(config.get("rank_pattern") or {}), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
         "modules_to_save": modules, "use_rslora": config.get("use_rslora", False),
         "lora_fx_blocks": config.get("lora_fx_blocks") or {},
+        "init_lora_weights": config.get("init_lora_weights", True),
     }
 
 
@@ -321,7 +322,6 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     capture it, inject the adapter and return the graph module; given a graph module with LoRA, add
     the adapter under `name` (not active until set_adapter) and return it."""
     file = read_adapter(directory)
-    config = file.config
     state = unfolded_lora(gm_or_model)
     if state is None and isinstance(gm_or_model, LoraGraphModule) and gm_or_model.lora_state is not None:
         raise AdapterFileError("cannot load an adapter into a folded graph; load it into the model instead")
@@ -332,32 +332,36 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     else:
         base = graph_to_adapt(gm_or_model, example_inputs)
         exclude = output_layer(base.capture_info.source)
-    targets = file.targets()
     try:
-        matches, near = match_weights(base, parse_targets(targets), exclude=exclude)
-    except (TargetError, ConfigError) as e:
-        raise AdapterFileError(f"the adapter in {directory} does not fit this model: {e}") from None
-    sites = [state.sites.get(m.site.param, m.site) if state is not None else m.site for m in matches]
-    weights, ranks = _weights_for(sites, file, directory)
-    for s in sites:  # the file's shapes must agree with its own config
-        want = pattern_value(config["rank_pattern"], s.owner, config["r"])
-        if ranks[s.param] != want:
-            raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
-    alphas = {s.param: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
-    if config["use_rslora"]:  # rsLoRA scales by alpha / sqrt(r): express it as an alpha for alpha / r
-        alphas = {p: a * math.sqrt(ranks[p]) for p, a in alphas.items()}
-    lora_config = LoraConfig(targets, config["r"], config["lora_alpha"], config["lora_dropout"], "gaussian",
-                             tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"])
-    try:
-        adapter = new_adapter(base, name, lora_config, sites, weights=weights, ranks=ranks, alphas=alphas)
+        matches, near = match_weights(base, parse_targets(file.targets()), exclude=exclude)
+        sites = [state.sites.get(m.site.param, m.site) if state is not None else m.site for m in matches]
+        adapter = _adapter_from_file(base, name, sites, file, directory)
     except (TargetError, ConfigError) as e:
         raise AdapterFileError(f"the adapter in {directory} does not fit this model: {e}") from None
     if state is not None:
         attach_adapter(gm_or_model, sites, adapter)
         return gm_or_model
-    gm = inject_matched(base, matches, near, adapter, config["modules_to_save"], exclude)
+    gm = inject_matched(base, matches, near, adapter, file.config["modules_to_save"], exclude)
     _load_trainable(gm, file.modules, directory)
     return gm
+
+
+def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file: AdapterFile, directory):
+    """The file's adapter over `sites`: its weights, the ranks they have (which must be the config's),
+    and the config's alphas (rsLoRA's alpha / sqrt(r) expressed as an alpha for alpha / r)."""
+    config = file.config
+    weights, ranks = _weights_for(sites, file, directory)
+    for s in sites:
+        want = pattern_value(config["rank_pattern"], s.owner, config["r"])
+        if ranks[s.param] != want:
+            raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
+    alphas = {s.param: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
+    if config["use_rslora"]:
+        alphas = {p: a * math.sqrt(ranks[p]) for p, a in alphas.items()}
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
+    lora_config = LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
+                             tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"])
+    return new_adapter(base, name, lora_config, sites, weights=weights, ranks=ranks, alphas=alphas)
 
 
 def _load_trainable(gm: LoraGraphModule, saved: dict[str, torch.Tensor], directory) -> None:

@@ -212,8 +212,8 @@ class LoraGraphModule(torch.fx.GraphModule):
         for node in other.graph.find_nodes(op="call_module"):
             set_module(self, node.target, other.get_submodule(node.target))
         for node in other.graph.find_nodes(op="get_attr"):
-            if resolve(self, node.target) is None:
-                raise InputsError(f"re-captured graph reads {node.target}, which this module lacks")
+            if resolve(self, node.target) is None:  # recapture shares every weight it reads: a bug if not
+                raise RuntimeError(f"lora-fx: the re-captured graph reads {node.target}, which this module lacks")
         self.graph = other.graph
         for attr in ("_in_spec", "_out_spec"):
             if hasattr(other, attr):
@@ -225,17 +225,17 @@ class LoraGraphModule(torch.fx.GraphModule):
 def unfolded_lora(module) -> LoraState | None:
     """The LoRA state of `module` when it holds LoRA that is not folded; None for anything else
     (a plain capture, a folded graph, a module lora-fx did not return)."""
-    state = getattr(module, "lora_state", None) if isinstance(module, LoraGraphModule) else None
+    state = module.lora_state if isinstance(module, LoraGraphModule) else None
     return state if state is not None and not state.folded else None
 
 
-def require_lora(module, doing: str, error: type[Exception] = TargetError) -> LoraState:
-    """`unfolded_lora(module)`, or `error` saying that `doing` needs a graph with LoRA."""
+def require_lora(module, doing: str) -> LoraState:
+    """`unfolded_lora(module)`, or a TargetError saying that `doing` needs a graph with LoRA."""
     state = unfolded_lora(module)
     if state is None:
         what = ("a folded graph" if isinstance(module, LoraGraphModule) and module.lora_state is not None
                 else "a graph without LoRA" if isinstance(module, LoraGraphModule) else f"a {type(module).__name__}")
-        raise error(
+        raise TargetError(
             f"{doing} needs a graph with unfolded LoRA (what inject_lora or load_adapter returns); got {what}"
         )
     return state
