@@ -12,7 +12,7 @@ from torch import nn
 
 from . import slot
 from .attach import base_copy
-from .errors import AdapterNameError, FoldError
+from .errors import FoldError
 from .graph_module import LoraGraphModule
 from .paths import set_parameter
 from .rewrite import LORA_META, combine_inputs
@@ -79,10 +79,7 @@ def adapter_mix(state: LoraState, adapters) -> dict[str, float]:
         dict(adapters) if isinstance(adapters, dict) else {n: 1.0 for n in adapters})
     if not mix:
         raise FoldError(f"cannot fold an empty set of adapters; this graph has {sorted(state.adapters)}")
-    try:
-        state.check_names(mix)
-    except AdapterNameError as e:
-        raise AdapterNameError(f"cannot fold adapters {list(mix)}: {e}") from None
+    state.check_names(mix, f"cannot fold adapters {list(mix)}")
     return {n: float(w) for n, w in mix.items()}
 
 

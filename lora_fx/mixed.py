@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from . import slot
 from .attach import base_copy
-from .errors import AdapterNameError, ConfigError
+from .errors import ConfigError
 from .graph_module import CaptureInfo, LoraGraphModule, require_lora
 from .match import rematch
 from .paths import set_module
@@ -59,10 +59,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
     names = list(names)
     if not names:
         raise ConfigError(f"name the adapters to mix, e.g. {sorted(state.adapters)}")
-    try:
-        state.check_names(names)
-    except AdapterNameError as e:
-        raise AdapterNameError(f"cannot mix adapters {names}: {e}") from None
+    state.check_names(names, f"cannot mix adapters {names}")
     cap = gm.capture_info
     if cap is None or cap.positional or cap.example_inputs is None:
         raise ConfigError("mixed_adapters needs a graph captured with keyword inputs")

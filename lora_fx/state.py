@@ -101,11 +101,14 @@ class LoraState:
             )
         return found
 
-    def check_names(self, names) -> None:
-        """Every name in `names` is an adapter of this graph."""
+    def check_names(self, names, doing: str = "") -> None:
+        """Every name in `names` is an adapter of this graph (else AdapterNameError, prefixed by `doing`)."""
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
-            self.adapter(unknown[0])
+            try:
+                self.adapter(unknown[0])
+            except AdapterNameError as e:
+                raise AdapterNameError(f"{doing}: {e}" if doing else str(e)) from None
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply `fn` (a device or dtype move) to the weights of the inactive adapters."""
