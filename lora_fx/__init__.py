@@ -15,7 +15,7 @@ from .adapters import (
     set_adapter,
     size_report,
 )
-from .capture import auto_dims, capture
+from .capture import auto_dims, capture, capture_decoder
 from .diff import GraphDiff, graph_diff
 from .errors import (
     AdapterFileError,
@@ -27,7 +27,7 @@ from .errors import (
     LoraFxError,
     TargetError,
 )
-from .fold import delta_weight, merge_lora
+from .fold import delta_weight, merge_and_unload, merge_lora
 from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
 from .inject import inject_lora
 from .mixed import mixed_adapters
@@ -39,8 +39,10 @@ from .state import Adapter, LoraState, Site
 
 __all__ = [
     "capture",
+    "capture_decoder",
     "inject_lora",
     "merge_lora",
+    "merge_and_unload",
     "delta_weight",
     "graph_diff",
     "save_adapter",

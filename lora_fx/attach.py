@@ -180,10 +180,10 @@ def base_copy(gm: LoraGraphModule) -> LoraGraphModule:
     return derived(gm, graph)
 
 
-def recapture_with_lora(primary: LoraGraphModule, inputs) -> LoraGraphModule:
+def recapture_with_lora(primary: LoraGraphModule, inputs, kind: str | None = None) -> LoraGraphModule:
     """`capture.recapture`, plus the primary's LoRA slots and subgraph (the very same parameters),
-    so a graph for other inputs trains and switches adapters together with the primary."""
-    new = recapture(primary, inputs)
+    so a graph for other inputs (or the decoding step) trains and switches adapters with the primary."""
+    new = recapture(primary, inputs, kind)
     state = primary.lora_state
     if state is not None and not state.folded:
         slot.share(primary, new, state)

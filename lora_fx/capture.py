@@ -3,13 +3,15 @@
 `torch.fx.symbolic_trace` cannot trace Hugging Face models (their `forward(**kwargs)`), so capture
 builds on torch.export, with every input dim left to `Dim.AUTO` so batch and sequence stay dynamic.
 `recapture` captures the same model again for other inputs, or at another dtype or device, over an
-existing graph's weights.
+existing graph's weights. `capture_decoder` captures a causal LM as one decoding step with its KV
+cache as plain tensors (what generation and the ONNX kv-cache export run).
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import inspect
+import types
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +29,8 @@ from .paths import copy_non_persistent, set_buffer, set_parameter
 # Example sizes: >= 2 so torch.export does not specialize a dim to 0 or 1, and distinct so two dims
 # are never assumed equal.
 BATCH, SEQ, DECODER_SEQ = 2, 7, 5
+# what a capture is of: the model's forward, or one decoding step with a KV cache (capture_decoder)
+FORWARD, DECODER = "forward", "decoder"
 
 
 def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
@@ -43,18 +47,33 @@ def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
     return _capture(model, signature, inputs, positional, weights=None)
 
 
-def recapture(primary: LoraGraphModule, inputs) -> LoraGraphModule:
+def capture_decoder(model: nn.Module) -> LoraGraphModule:
+    """A causal LM as one decoding step: `(input_ids, attention_mask, position_ids, past_key_values)
+    -> (logits, present)`, the cache a tuple of (key, value) per layer, each [batch, kv_heads, length,
+    head_dim]; batch, new and past lengths dynamic (past may be empty: the prompt's step). Parameters
+    are the model's own objects; the model is left as it was."""
+    check_decoder(model)
+    return _capture(model, _DECODER_SIGNATURE, decoder_example(model), False, weights=None, kind=DECODER)
+
+
+def recapture(primary: LoraGraphModule, inputs, kind: str | None = None) -> LoraGraphModule:
     """`primary`'s source model captured again for `inputs` (a dict, or a tuple for a positional
-    capture), traced with `primary`'s own weights (so at their dtype and device) and sharing them:
+    capture; None: example inputs of `kind`), as a forward or, with kind "decoder", as a decoding
+    step, traced with `primary`'s own weights (so at their dtype and device) and sharing them:
     parameters and buffers are the primary's objects; weights only these inputs use are frozen."""
     cap = primary.capture_info
     source = cap.source
+    kind = kind or cap.kind
     own = {**dict(primary.named_parameters(remove_duplicate=False)), **dict(primary.named_buffers(remove_duplicate=False))}
     names = [n for n, _ in source.named_parameters(remove_duplicate=False)] + \
             [n for n, _ in source.named_buffers(remove_duplicate=False)]
     # tensor subclasses (FSDP's DTensor shards) cannot be traced through: those stay the source's
     weights = {n: own[n] for n in names if n in own and type(own[n]) in (nn.Parameter, torch.Tensor)}
-    new = _capture(source, cap.signature, inputs, cap.positional, weights)
+    if kind == DECODER:
+        check_decoder(source)
+        new = _capture(source, _DECODER_SIGNATURE, inputs or decoder_example(source, weights), False, weights, kind)
+    else:
+        new = _capture(source, cap.signature, inputs, cap.positional, weights)
     for name, p in list(new.named_parameters(remove_duplicate=False)):
         shared = own.get(name)
         set_parameter(new, name, shared if isinstance(shared, nn.Parameter) else nn.Parameter(p.detach(), requires_grad=False))
@@ -66,12 +85,13 @@ def recapture(primary: LoraGraphModule, inputs) -> LoraGraphModule:
     return new
 
 
-def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dict | None) -> LoraGraphModule:
-    gm = _export(model, inputs, positional, training=False, weights=weights)
+def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dict | None,
+             kind: str = FORWARD) -> LoraGraphModule:
+    gm = _export(model, inputs, positional, training=False, weights=weights, kind=kind)
     notes = []
     train_probs = None
     sites = modes.dropout_sites(gm.graph)
-    if sites and modes.has_dropout(model):
+    if sites and modes.has_dropout(model) and kind == FORWARD:  # a decoding step only generates: eval
         try:
             train_sites = modes.dropout_sites(_export(model, inputs, positional, training=True, weights=weights).graph)
         except CaptureError as e:
@@ -95,6 +115,7 @@ def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dic
         example_inputs=inputs,
         notes=notes,
         recapture=recapture,
+        kind=kind,
     )
     out.eval()
     return out
@@ -218,14 +239,16 @@ def auto_dims(inputs):
                            inputs, is_leaf=lambda v: v is None)
 
 
-def _export(model: nn.Module, inputs, positional: bool, training: bool, weights: dict | None) -> torch.fx.GraphModule:
+def _export(model: nn.Module, inputs, positional: bool, training: bool, weights: dict | None,
+            kind: str = FORWARD) -> torch.fx.GraphModule:
     args, kwargs = (inputs, {}) if positional else ((), inputs)
-    dynamic = auto_dims(args if positional else kwargs)
+    dynamic = decoder_dims(inputs) if kind == DECODER else auto_dims(args if positional else kwargs)
     # tracing with other weights (another graph's, maybe at another dtype or device) leaves the
     # model's own untouched: they are swapped in for the trace only
     swap = _reparametrize_module(model, weights) if weights else contextlib.nullcontext()
+    step = _as_decoder(model) if kind == DECODER else contextlib.nullcontext()
     try:
-        with _capture_state(model, training), swap:
+        with _capture_state(model, training), swap, step:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch raises many types here; all mean "could not capture"
         reason = "\n".join(str(e).strip().splitlines()[:12])
@@ -237,3 +260,106 @@ def _export(model: nn.Module, inputs, positional: bool, training: bool, weights:
             "submodule that has no such flow. Your model was not changed."
         ) from e
     return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only
+
+
+# ------------------------------------------------------------------------------------------ decoders
+
+
+def _decoder_forward(self, input_ids, attention_mask, position_ids=None, past_key_values=()):
+    """One decoding step of a causal LM (installed as the model's forward while it is traced)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer  # optional: only causal LMs get here
+
+    cache = DynamicCache()
+    cache.layers = []
+    for key, value in past_key_values:  # the cache as given: no concatenation with an empty start
+        layer = DynamicLayer()
+        layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+        cache.layers.append(layer)
+    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+    out = type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                             **{_cache_argument(self): cache}, **kwargs)
+    grown = out.cache if hasattr(out, "cache") else out.past_key_values
+    return out.logits, tuple((layer.keys, layer.values) for layer in grown.layers)
+
+
+_DECODER_SIGNATURE = inspect.signature(_decoder_forward).replace(
+    parameters=list(inspect.signature(_decoder_forward).parameters.values())[1:])
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The forward's KV-cache argument: `cache` (transformers >= 5.24), `past_key_values`, or None."""
+    params = inspect.signature(type(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def check_decoder(model: nn.Module) -> None:
+    """Refuse, with the reason, a model that cannot run as a decoding step with a KV cache."""
+    config = getattr(model, "config", None)
+    if _cache_argument(model) is None or not hasattr(model, "get_output_embeddings"):
+        raise InputsError(
+            f"{type(model).__name__} has no KV cache to capture (its forward takes no `cache` / "
+            "`past_key_values`): a kv-cache decoder needs a causal LM (a transformers *ForCausalLM)"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputsError(
+            f"{type(model).__name__} is an encoder-decoder model; lora-fx captures decoder-only causal LMs "
+            "with a KV cache (export the encoder and the decoder yourself, or use the full forward)"
+        )
+
+
+def _takes_position_ids(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(type(model).forward).parameters
+
+
+def decoder_example(model: nn.Module, weights: dict | None = None) -> dict[str, Any]:
+    """Example inputs of a decoding step: batch 2, 4 new tokens after a cache of 3 (sizes >= 2 and
+    distinct, so export keeps them dynamic), the cache's heads, sizes and dtype read off one small
+    forward of the model (with `weights` swapped in, as the trace will have them)."""
+    param = next(iter(weights.values()), None) if weights else next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 2) or 2
+    gen = torch.Generator().manual_seed(0)
+    probe_ids = torch.randint(0, vocab, (BATCH, 2), generator=gen).to(device)
+    swap = _reparametrize_module(model, weights) if weights else contextlib.nullcontext()
+    with torch.no_grad(), _capture_state(model, training=False), swap:
+        if device.type == "meta":
+            raise InputsError("capturing a decoder needs real weights to size its cache, not meta tensors")
+        out = model(input_ids=probe_ids, use_cache=True)
+    grown = out.cache if hasattr(out, "cache") else out.past_key_values
+    past_len, new_len = 3, 4
+    past = tuple(
+        (torch.randn(BATCH, k.shape[1], past_len, k.shape[3], generator=gen).to(device, k.dtype),
+         torch.randn(BATCH, v.shape[1], past_len, v.shape[3], generator=gen).to(device, v.dtype))
+        for k, v in ((layer.keys, layer.values) for layer in grown.layers)
+    )
+    inputs = {"input_ids": torch.randint(0, vocab, (BATCH, new_len), generator=gen).to(device),
+              "attention_mask": torch.ones(BATCH, past_len + new_len, dtype=torch.long, device=device)}
+    if _takes_position_ids(model):
+        inputs["position_ids"] = torch.arange(past_len, past_len + new_len, device=device).expand(BATCH, new_len).clone()
+    inputs["past_key_values"] = past
+    return inputs
+
+
+def decoder_dims(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic dims of a decoding step: batch and length of the token inputs, batch and past length
+    of the cache; heads and head size stay fixed (consumers of the ONNX file size the cache from them)."""
+    dims = {name: {0: Dim.AUTO, 1: Dim.AUTO} for name in inputs if name != "past_key_values"}
+    dims["past_key_values"] = tuple(({0: Dim.AUTO, 2: Dim.AUTO}, {0: Dim.AUTO, 2: Dim.AUTO})
+                                    for _ in inputs["past_key_values"])
+    return dims
+
+
+@contextlib.contextmanager
+def _as_decoder(model: nn.Module):
+    """Install the decoding step as `model.forward` for one trace; the model's own forward is back after."""
+    had = "forward" in model.__dict__
+    before = model.__dict__.get("forward")
+    model.forward = types.MethodType(_decoder_forward, model)
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = before
+        else:
+            del model.forward

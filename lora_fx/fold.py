@@ -5,6 +5,7 @@ adapted weights; the injected graph module and the user's model are left as they
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from . import slot
 from .attach import base_copy
 from .errors import FoldError
-from .graph_module import LoraGraphModule
+from .graph_module import LoraGraphModule, require_lora
 from .paths import set_parameter
 from .rewrite import LORA_META, combine_inputs
 from .state import LoraState, Site
@@ -103,6 +104,25 @@ def _check_not_shared(graph: torch.fx.Graph, feeds: set[torch.fx.Node], site: Si
                 )
 
 
+def _names_by_param(gm: nn.Module) -> dict[int, set[str]]:
+    names: dict[int, set[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), set()).add(name)
+    return names
+
+
+def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_param) -> dict[str, torch.Tensor]:
+    """W0 + update for every site, after the checks: known adapters, no reader outside the match."""
+    if adapters is not None:
+        adapter_mix(state, adapters)  # unknown names fail before any work
+    feeds = combine_inputs(gm.graph)
+    folded = {}
+    for site in state.sites.values():
+        _check_not_shared(gm.graph, feeds, site, names_by_param[id(gm.get_parameter(site.param))])
+        folded[site.param] = folded_weight(gm, site, adapters)
+    return folded
+
+
 def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     """Fold the LoRA update into each base weight; return a new graph module equal to the capture.
 
@@ -119,19 +139,8 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
             "this module has no LoRA to fold: merge_lora takes the graph module inject_lora (or "
             "load_adapter) returned"
         )
-    names_by_param: dict[int, set[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        names_by_param.setdefault(id(p), set()).add(name)
-
-    folded: dict[str, torch.Tensor] = {}
-    if adapters is not None and not state.folded:
-        adapter_mix(state, adapters)  # unknown names fail before any work
-    feeds = combine_inputs(gm.graph)
-    for site in state.sites.values() if not state.folded else []:
-        w0 = gm.get_parameter(site.param)
-        _check_not_shared(gm.graph, feeds, site, names_by_param[id(w0)])
-        folded[site.param] = folded_weight(gm, site, adapters)
-
+    names_by_param = _names_by_param(gm)
+    folded = _folded_weights(gm, state, adapters, names_by_param) if not state.folded else {}
     new = base_copy(gm)
     replaced: dict[int, nn.Parameter] = {}
     for name, p in list(new.named_parameters(remove_duplicate=False)):
@@ -149,3 +158,41 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     # the folded graph keeps what was adapted and the report, not the adapters (they are in its weights)
     new.lora_state = replace(state, sites=dict(state.sites), adapters={}, active=[], folded=True, weight_form=set())
     return new
+
+
+def merge_and_unload(gm: LoraGraphModule, adapters=None) -> nn.Module:
+    """The user's model class again (e.g. `LlamaForCausalLM`), with the LoRA update folded into the
+    adapted weights as `merge_lora` folds it (fp32 accumulation, one rounding); `generate()`,
+    `save_pretrained()` and everything else of the class work on it.
+
+    Every other parameter and buffer is the user's model's own tensor, shared (or the graph's, where
+    the graph was moved to another dtype or device, and the trained copies of `trainable` modules);
+    the user's model and `gm` are left as they were. `adapters` as in `merge_lora`.
+    """
+    state = require_lora(gm, "merge_and_unload")
+    source = gm.capture_info.source if gm.capture_info is not None else None
+    if source is None:
+        raise FoldError("merge_and_unload needs the model this graph was captured from; use merge_lora for a graph module")
+    folded = _folded_weights(gm, state, adapters, _names_by_param(gm))
+    own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    memo: dict[int, object] = {}
+    for name, t in (*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)):
+        if id(t) in memo:
+            continue
+        mine = own.get(name, t)
+        if name in folded:
+            memo[id(t)] = nn.Parameter(folded[name], requires_grad=t.requires_grad)
+        elif isinstance(t, nn.Parameter) and mine.requires_grad:  # a trained copy (a new head): snapshot it
+            memo[id(t)] = nn.Parameter(mine.detach().clone(), requires_grad=t.requires_grad)
+        elif _same_tensor(mine, t):
+            memo[id(t)] = t
+        else:  # the graph moved to another dtype or device: the merged model follows the graph
+            memo[id(t)] = nn.Parameter(mine.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mine
+    merged = copy.deepcopy(source, memo)  # module objects and configs copied, tensors as chosen above
+    merged.train(gm.training)
+    return merged
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+            and (a.device.type == "meta" or a.data_ptr() == b.data_ptr()))

@@ -16,6 +16,7 @@ from torch import nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.utils import _pytree as pytree
 
+from . import generation
 from .errors import InputsError, TargetError
 from .paths import copy_graph, copy_non_persistent, own_stateless_modules, resolve, set_module
 from .report import InjectReport
@@ -23,7 +24,7 @@ from .state import LoraState
 
 # how to build a graph of the same model for other inputs (or after a dtype / device move), sharing
 # the primary graph's weights: capture.recapture, or its LoRA-aware version in lora_fx.attach
-Recapture = Callable[["LoraGraphModule", Any], "LoraGraphModule"]
+Recapture = Callable[..., "LoraGraphModule"]  # (primary, inputs, kind=None) -> new graph
 
 
 @dataclass
@@ -37,6 +38,7 @@ class CaptureInfo:
     example_inputs: Any = None  # the (cloned) inputs captured with: a dict, or a tuple if positional
     notes: list[str] = field(default_factory=list)
     recapture: Recapture | None = None  # None: this graph cannot be captured again (no source)
+    kind: str = "forward"  # "forward": the model's forward; "decoder": one decoding step with a KV cache
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Name every call input as the forward does; drop inputs left at a default of None."""
@@ -74,6 +76,8 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     capture_info: CaptureInfo | None
     lora_state: LoraState | None
+    # Names of methods and properties here win over submodules of the same name (T5 has a `decoder`):
+    # keep them specific to lora-fx.
 
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, class_name: str = "LoraGraphModule"):
         super().__init__(root, graph, class_name)
@@ -147,6 +151,54 @@ class LoraGraphModule(torch.fx.GraphModule):
         """Drop the graphs captured for other inputs; they are captured again on their next call
         (after the LoRA subgraph changed, or weights were replaced)."""
         self._variants.clear()
+
+    # -- generation ------------------------------------------------------------------------------
+    def decode_step(self) -> LoraGraphModule:
+        """This graph's model as one decoding step with a KV cache (see `lora_fx.capture_decoder`),
+        captured on first use and sharing every weight, LoRA's included: adapter switches apply."""
+        cap = self.capture_info
+        if cap is not None and cap.kind == "decoder":
+            return self
+        found = self._variants.get("decoder")
+        if found is None:
+            if cap is None or cap.source is None or cap.recapture is None:
+                raise InputsError("this graph's source model is not available to capture its decoding step; "
+                                  "capture the model itself (lora_fx.capture / inject_lora)")
+            found = cap.recapture(self, None, kind="decoder")
+            self._variants["decoder"] = found
+        return found
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *, attention_mask=None,
+                 eos_token_id=generation.MODEL_DEFAULT, pad_token_id=generation.MODEL_DEFAULT,
+                 do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> torch.Tensor:
+        """Token ids, prompt then new tokens, as transformers' `generate` returns them (greedy by
+        default; sampling with `do_sample`, `temperature`, `top_k`, `top_p`, `seed`; left padding via
+        `attention_mask`; `eos_token_id` / `pad_token_id` default to the model's generation config, an
+        explicit None means none: no early stop).
+        Runs the captured decoding step with a KV cache, in eval mode, without gradients."""
+        sampling = generation.Sampling(do_sample, temperature, top_k, top_p, seed)
+        decoder = self.decode_step()
+        source = self.capture_info.source
+        eos_token_id, pad_token_id = generation.special_tokens(source, eos_token_id, pad_token_id)
+        takes_positions = "position_ids" in decoder.capture_info.input_names
+        empty = tuple(tuple(t.new_empty(input_ids.shape[0], t.shape[1], 0, t.shape[3]) for t in pair)
+                      for pair in decoder.capture_info.example_inputs["past_key_values"])
+
+        def step(ids, mask, pos, past):
+            kwargs = {"position_ids": pos} if takes_positions else {}
+            return decoder(input_ids=ids, attention_mask=mask, past_key_values=past, **kwargs)
+
+        was_training = decoder.training
+        decoder.eval()
+        try:
+            with torch.no_grad():
+                return generation.generate_with(
+                    step, input_ids, empty, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling,
+                    max_positions=generation.max_positions(getattr(source, "config", None)))
+        finally:
+            decoder.train(was_training)
 
     @property
     def lora_report(self) -> InjectReport | None:

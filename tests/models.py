@@ -41,6 +41,7 @@ class Case:
     inputs: str = "tokens"  # "tokens" | "pixels" | "sequence"
     has_dropout: bool = True
     expect: dict = field(default_factory=dict)  # rewritten-use counters the pass must report
+    causal: bool = False  # a decoder-only causal LM: generates with a KV cache
 
     def batch(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -80,25 +81,25 @@ _encoder = dict(hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEA
 
 CASES = [
     Case("llama", _hf("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2, attention_dropout=0.1, **_decoder),
-         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}, causal=True),
     Case("qwen2", _hf("Qwen2ForCausalLM", "Qwen2Config", num_key_value_heads=2, attention_dropout=0.1, **_decoder),
-         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}, causal=True),
     Case("mistral", _hf("MistralForCausalLM", "MistralConfig", num_key_value_heads=2, attention_dropout=0.1, **_decoder),
-         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}),
+         ["q_proj", "v_proj"], peft=dict(target_modules=["q_proj", "v_proj"]), expect={"linear": 4}, causal=True),
     Case("gpt2", _hf("GPT2LMHeadModel", "GPT2Config", n_embd=H, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
                      n_positions=64, bos_token_id=1, eos_token_id=2),
-         ["c_attn"], peft=dict(target_modules=["c_attn"], fan_in_fan_out=True), expect={"addmm": 2}),
+         ["c_attn"], peft=dict(target_modules=["c_attn"], fan_in_fan_out=True), expect={"addmm": 2}, causal=True),
     Case("gpt2-qv", _hf("GPT2LMHeadModel", "GPT2Config", n_embd=H, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB,
                         n_positions=64, bos_token_id=1, eos_token_id=2),
-         {"c_attn": [True, False, True]}, expect={"addmm": 2}),
+         {"c_attn": [True, False, True]}, expect={"addmm": 2}, causal=True),
     Case("gpt-neox", _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", hidden_size=H, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, intermediate_size=2 * H, vocab_size=VOCAB,
                          attention_dropout=0.1, hidden_dropout=0.1, bos_token_id=1, eos_token_id=2),
-         ["query_key_value"], peft=dict(target_modules=["query_key_value"]), expect={"linear": 2}),
+         ["query_key_value"], peft=dict(target_modules=["query_key_value"]), expect={"linear": 2}, causal=True),
     Case("falcon", _hf("FalconForCausalLM", "FalconConfig", hidden_size=H, num_hidden_layers=LAYERS,
                        num_attention_heads=HEADS, vocab_size=VOCAB, attention_dropout=0.1, hidden_dropout=0.1,
                        bos_token_id=1, eos_token_id=2),
-         ["query_key_value"], peft=dict(target_modules=["query_key_value"]), expect={"matmul": 2}),
+         ["query_key_value"], peft=dict(target_modules=["query_key_value"]), expect={"matmul": 2}, causal=True),
     Case("bert", _hf("BertForSequenceClassification", "BertConfig", **_encoder),
          ["query", "value"], peft=dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
          trainable=("classifier",), expect={"linear": 4}),
