@@ -21,6 +21,8 @@ from torch.utils import _pytree as pytree
 import lora_fx
 from lora_fx import LoraGraphModule, auto_dims
 
+from . import kv_cache as kv
+
 
 class ExportError(lora_fx.LoraFxError, RuntimeError):
     """ONNX export failed; the message says whether LoRA has anything to do with it."""
@@ -53,16 +55,45 @@ def output_names(gm: LoraGraphModule) -> list[str] | None:
 
 
 def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic: bool = True,
-                opset: int | None = None, optimize: bool = False) -> Path:
+                opset: int | None = None, optimize: bool = False, kv_cache: bool = False) -> Path:
     """Export `module` (a graph lora-fx returned, or any nn.Module) to ONNX at `path`.
 
     Dynamic batch and sequence axes by default; inputs and outputs named as the model names them;
     weights keep their parameter names (`optimize=False`, so the untouched and the folded exports can
     be compared name for name; ONNX Runtime optimizes at load time anyway). Weights over 2 GB go to
     external data. The file passes `onnx.checker`. Returns the path written.
+
+    kv_cache=True (a causal LM, or a graph of one): one decoding step instead of the forward, with
+    inputs `input_ids`, `attention_mask`, `position_ids` (where the model takes them),
+    `past_key_values.{i}.key` / `.value` and outputs `logits`, `present.{i}.key` / `.value`; batch,
+    sequence and past length dynamic. What a generation loop needs is kept in the file's metadata
+    (`export.generate` reads it) and `genai_config.json` is written beside it for onnxruntime-genai
+    (one model per folder). `example_inputs` is not used: the step sizes its own example.
     """
     path = Path(path)
     _writable_target(path)
+    if kv_cache:
+        gm = module.decode_step() if isinstance(module, LoraGraphModule) else lora_fx.capture_decoder(module)
+        example_inputs = gm.capture_info.example_inputs
+        args, kwargs = (), dict(example_inputs)
+        dynamic_shapes = lora_fx.decoder_dims(kwargs) if dynamic else None
+        names = kv.input_names(gm), kv.output_names(gm)
+    else:
+        gm, args, kwargs = _forward_inputs(module, example_inputs)
+        dynamic_shapes = auto_dims(args if args else kwargs) if dynamic else None
+        names = (None if args else list(kwargs)), output_names(gm)
+    _export(gm, path, args, kwargs, dynamic_shapes, names, opset, optimize)
+    if kv_cache:
+        described = kv.describe(gm)
+        kv.write_metadata(path, described)
+        kv.write_genai_config(path, gm, described)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _forward_inputs(module: nn.Module, example_inputs) -> tuple[LoraGraphModule, tuple, dict]:
+    """The graph to export and its inputs as (args, kwargs): the module's capture, its example inputs
+    or the given ones bound to its signature."""
     gm = module if isinstance(module, LoraGraphModule) else lora_fx.capture(module, example_inputs)
     cap = gm.capture_info
     if example_inputs is None:
@@ -71,11 +102,12 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
         example_inputs = cap.example_inputs
     elif cap is not None and not cap.positional and not isinstance(example_inputs, dict):
         example_inputs = cap.bind(tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,), {})
-    positional = not isinstance(example_inputs, dict)
-    args, kwargs = (tuple(example_inputs), {}) if positional else ((), dict(example_inputs))
+    if isinstance(example_inputs, dict):
+        return gm, (), dict(example_inputs)
+    return gm, tuple(example_inputs), {}
 
-    dynamic_shapes = auto_dims(args if positional else kwargs) if dynamic else None
-    input_names = None if positional else list(kwargs)
+
+def _export(gm: LoraGraphModule, path: Path, args, kwargs, dynamic_shapes, names, opset, optimize) -> None:
     was_training = gm.training
     gm.eval()
     # the exporter warns about torchvision ops it cannot register; nothing to do with this model
@@ -85,16 +117,13 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
             program = torch.onnx.export(
                 gm, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=optimize,
-                input_names=input_names, output_names=output_names(gm), opset_version=opset,
-                verbose=False, report=False,
+                input_names=names[0], output_names=names[1], opset_version=opset, verbose=False, report=False,
             )
     except Exception as e:
         raise _explain_failure(gm, e) from e
     finally:
         gm.train(was_training)
     program.save(str(path))  # weights over 2 GB go to <path>.data automatically
-    onnx.checker.check_model(str(path))
-    return path
 
 
 def _explain_failure(gm: LoraGraphModule, error: Exception) -> ExportError:

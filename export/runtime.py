@@ -10,7 +10,7 @@ import torch
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
        torch.int32: np.int32, torch.bool: np.bool_, torch.int8: np.int8, torch.uint8: np.uint8}
 
 
@@ -55,7 +55,7 @@ def ort_run(session, inputs: dict, run_options=None, extra: dict | None = None) 
     for name, value in inputs.items():
         t = value.to(device).contiguous()
         keep.append(t)
-        binding.bind_input(name, t.device.type, t.device.index or 0, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+        binding.bind_input(name, t.device.type, t.device.index or 0, NUMPY_DTYPES[t.dtype], tuple(t.shape), t.data_ptr())
     for name, value in (extra or {}).items():
         binding.bind_ortvalue_input(name, value)
     for out in session.get_outputs():

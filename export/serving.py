@@ -3,10 +3,13 @@
 - `export_multi_adapter(gm, path)`: the unfolded graph, with every LoRA weight an *overridable
   initializer* (also a graph input) under a slot-independent name (`<module>.lora_A.weight`,
   `<module>.lora_B.weight`, `<module>.lora_scaling`). B and the scaling default to zero, so with no
-  adapter active the session computes the base model.
+  adapter active the session computes the base model. `kv_cache=True` exports the decoding step
+  instead (generation; onnxruntime-genai runs it with `.onnx_adapter` files); `mixed=k` exports k
+  adapter *banks* and an `adapter_index` input, so the rows of one batch use different adapters.
 - `export_adapter(adapter, path, model)`: ONNX Runtime's `.onnx_adapter` for one adapter (ours or
   PEFT's), zero-padded to the model's slot ranks (exact).
-- `AdapterServer`: one session, adapters loaded once (memory-mapped), `run(inputs, adapter=name)`.
+- `AdapterServer`: one session, adapters loaded once (memory-mapped), `run(inputs, adapter=name)` and
+  `generate(input_ids, adapter=name | None | [name or None per row])`.
 """
 from __future__ import annotations
 
@@ -20,12 +23,19 @@ import torch
 import lora_fx
 from lora_fx import LORA_A, LoraGraphModule
 
+from . import kv_cache as kv
+from .generation import generate, session_device
 from .onnx_export import ExportError, export_onnx
 from .runtime import ort_run, ort_session
 
+INDEX = "adapter_index"
 
-def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None) -> Path:
-    """Export the unfolded LoRA graph with every LoRA weight an overridable initializer (see module doc)."""
+
+def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_cache: bool = False,
+                         mixed: int = 0) -> Path:
+    """Export the unfolded LoRA graph with its LoRA weights as overridable initializers (see the
+    module doc). `kv_cache=True`: the decoding step with its KV cache. `mixed=k`: k adapter banks
+    (each sized to the graph's slots) and an `adapter_index` input (one bank per row, -1 for none)."""
     state = lora_fx.unfolded_lora(gm)
     if state is None:
         raise ExportError("export_multi_adapter needs an unfolded LoRA graph (inject_lora or load_adapter's result)")
@@ -34,23 +44,39 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None) -> Path
             f"{sorted(state.weight_form)[:3]} are adapted as weights (W + s*B@A: their op is not a product with an "
             "activation); a served adapter cannot be switched there. Fold each adapter and export it instead."
         )
-    path = export_onnx(gm, path, example_inputs)
+    if isinstance(mixed, bool) or not isinstance(mixed, int) or mixed < 0:
+        raise ExportError(f"mixed must be a number of adapter banks (0: one adapter per run), got {mixed!r}")
+    if mixed:
+        module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, mixed)
+        path = export_onnx(module, path, example_inputs, kv_cache=kv_cache)
+        _make_overridable(path, lambda name: name if _is_bank(name) else None, zero=lambda name: False)
+    else:
+        path = export_onnx(gm, path, example_inputs, kv_cache=kv_cache)
+        renamed = _make_overridable(path, lambda name: lora_fx.slot_free_name(name, state.slot),
+                                    zero=lambda name: not _is_lora_a(name))  # lora_B, scaling: the base model
+        expected = {lora_fx.slot_free_name(n, state.slot) for n, _ in gm.named_parameters()} - {None}
+        missing = expected - set(renamed.values())
+        if not renamed or missing:
+            raise ExportError(f"the exporter did not keep the LoRA weights as named initializers (missing {sorted(missing)[:3]})")
+    onnx.checker.check_model(str(path))
+    return Path(path)
+
+
+def _make_overridable(path: Path, rename, zero) -> dict[str, str]:
+    """Rename the initializers `rename` maps (None: leave it), zero those `zero` says, and make each
+    a graph input too (ONNX Runtime's overridable initializer). Returns {old name: new name}."""
     model = onnx.load(str(path), load_external_data=True)
     graph = model.graph
     renamed = {}
     for init in graph.initializer:
-        new = lora_fx.slot_free_name(init.name, state.slot)
+        new = rename(init.name)
         if new is None:
             continue
         renamed[init.name] = new
-        if not _is_lora_a(new):  # lora_B and the scaling: no adapter, the base model
-            zero = onnx.numpy_helper.from_array(np.zeros(tuple(init.dims), dtype=onnx.helper.tensor_dtype_to_np_dtype(init.data_type)), new)
-            init.CopyFrom(zero)
+        if zero(new):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(init.dims), dtype=dtype), new))
         init.name = new
-    expected = {lora_fx.slot_free_name(n, state.slot) for n, _ in gm.named_parameters()} - {None}
-    missing = expected - set(renamed.values())
-    if not renamed or missing:
-        raise ExportError(f"the exporter did not keep the LoRA weights as named initializers (missing {sorted(missing)[:3]})")
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renamed:
@@ -59,20 +85,29 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None) -> Path
         if init.name in renamed.values():
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000)
-    onnx.checker.check_model(str(path))
-    return Path(path)
-
-
-def slot_shapes(model_path) -> dict[str, tuple[int, ...]]:
-    """The overridable LoRA inputs of a multi-adapter model and their shapes."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    return {i.name: inits[i.name] for i in model.graph.input if i.name in inits}
+    return renamed
 
 
 def _is_lora_a(slot_free: str) -> bool:
     name = lora_fx.parse_slot_free(slot_free)
     return name is not None and name.which == LORA_A
+
+
+def _is_bank(name: str) -> bool:
+    return lora_fx.bank_source(name) is not None
+
+
+def slot_shapes(model_path) -> dict[str, tuple[int, ...]]:
+    """The shapes one adapter's weights must have for a multi-adapter model, by slot-free name
+    (a mixed model: one bank's share of each bank)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    overridable = {i.name: inits[i.name] for i in model.graph.input if i.name in inits}
+    shapes = {}
+    for name, dims in overridable.items():
+        source = lora_fx.bank_source(name)
+        shapes[source or name] = dims[1:] if source else dims
+    return shapes
 
 
 def adapter_tensors(adapter, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -109,7 +144,7 @@ def export_adapter(adapter, path, model, name: str | None = None) -> Path:
             padded[:, :r] = t
         params[key] = padded
     for holder, s in scales.items():
-        key = f"{holder}.lora_scaling"
+        key = lora_fx.scale_slot_free(holder)
         r = next(t.shape[0] for k, t in tensors.items() if k.startswith(holder + ".") and _is_lora_a(k))
         scale = torch.zeros(shapes[key], dtype=torch.float32)
         scale[:r] = s
@@ -130,7 +165,9 @@ class AdapterServer:
     `run` takes torch tensors (IO binding, outputs stay on the session's device) or numpy arrays
     (`session.run` with ONNX Runtime's own `RunOptions.add_active_adapter`). ONNX Runtime 1.31 ignores
     active LoraAdapters in `run_with_iobinding` (measured), so the torch path binds the adapter's
-    tensors as inputs itself, from the same file, placed once on the session's device.
+    tensors as inputs itself, from the same file, placed once on the session's device. A model
+    exported with `mixed=k` takes a different adapter per row: the server fills its k banks from the
+    loaded adapters a request names and feeds each row's bank index.
     """
 
     def __init__(self, model_path, device: str = "auto", options=None):
@@ -138,27 +175,80 @@ class AdapterServer:
         self.provider = self.session.provider
         self.adapters: dict[str, object] = {}
         self._bound: dict[str, dict[str, object]] = {}
+        self._params: dict[str, dict[str, np.ndarray]] = {}
+        overridable = {i.name: tuple(i.shape) for i in self.session.get_overridable_initializers()}
+        self.banks = {n: shape for n, shape in overridable.items() if _is_bank(n)}  # mixed models only
+        self.mixed = INDEX in {i.name for i in self.session.get_inputs()}
+        self.slots = next(iter(self.banks.values()))[0] - 1 if self.banks else 1  # adapters one batch may mix
 
     def load(self, name: str, adapter_path) -> None:
         adapter = ort.LoraAdapter()
         adapter.Load(str(adapter_path))  # memory-mapped
         params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
         expected = {i.name for i in self.session.get_overridable_initializers()}
+        if self.mixed:
+            expected = {lora_fx.bank_source(bank) for bank in expected}
         unknown = sorted(set(params) - expected)
         if unknown:
             raise ExportError(f"{adapter_path} holds {unknown[:3]}, which the served model does not take")
-        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        device = session_device(self.session)
+        self._params[name] = {k: v.numpy() for k, v in params.items()}
         self._bound[name] = {k: v if device == "cpu" else ort.OrtValue.ortvalue_from_numpy(v.numpy(), device, 0)
                              for k, v in params.items()}
         self.adapters[name] = adapter
 
+    def _check(self, names) -> None:
+        unknown = [n for n in names if n is not None and n not in self.adapters]
+        if unknown:
+            raise lora_fx.AdapterNameError(f"no adapter {unknown[0]!r} loaded; loaded: {sorted(self.adapters)}. "
+                                           "Load it first with server.load(name, path_to_onnx_adapter).")
+
+    def _inputs_for(self, rows: list[str | None]) -> dict[str, object]:
+        """The extra inputs of a request whose row i uses adapter rows[i] (None: the base model)."""
+        self._check(rows)
+        distinct = list(dict.fromkeys(n for n in rows if n is not None))
+        if not self.mixed:
+            if len(distinct) > 1 or (distinct and None in rows):
+                raise ExportError(f"this model serves one adapter per run, the rows asked for {distinct + [None] * (None in rows)}: "
+                                  "export it with export_multi_adapter(..., mixed=k) to mix adapters in a batch")
+            return self._bound[distinct[0]] if distinct else {}
+        if len(distinct) > self.slots:
+            raise ExportError(f"the rows use {len(distinct)} adapters but the model has {self.slots} banks; split the "
+                              f"batch, or export with mixed >= {len(distinct)}")
+        device = session_device(self.session)
+        banks = {}
+        for bank, shape in self.banks.items():
+            data = np.zeros(shape, dtype=np.float32)
+            source = lora_fx.bank_source(bank)
+            for j, name in enumerate(distinct):
+                if source in self._params[name]:
+                    data[j] = self._params[name][source]
+            banks[bank] = ort.OrtValue.ortvalue_from_numpy(data, device, 0)
+        index = np.array([distinct.index(n) if n is not None else -1 for n in rows], dtype=np.int64)
+        banks[INDEX] = ort.OrtValue.ortvalue_from_numpy(index, device, 0)
+        return banks
+
     def run(self, inputs: dict, adapter: str | None = None) -> list:
-        if adapter is not None and adapter not in self.adapters:
-            raise lora_fx.AdapterNameError(f"no adapter {adapter!r} loaded; loaded: {sorted(self.adapters)}. "
-                           "Load it first with server.load(name, path_to_onnx_adapter).")
-        if all(isinstance(v, np.ndarray) for v in inputs.values()):
+        """One forward run: `adapter` a loaded name (or None: the base model), or one per row of a
+        mixed model."""
+        rows = list(adapter) if isinstance(adapter, (list, tuple)) else None
+        if rows is None:
+            self._check([adapter])
+        if not self.mixed and rows is None and all(isinstance(v, np.ndarray) for v in inputs.values()):
             options = ort.RunOptions()
             if adapter is not None:
                 options.add_active_adapter(self.adapters[adapter])
             return self.session.run(None, inputs, run_options=options)
-        return ort_run(self.session, inputs, extra=self._bound[adapter] if adapter is not None else None)
+        batch = next(iter(inputs.values())).shape[0]
+        inputs = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+        return ort_run(self.session, inputs, extra=self._inputs_for(rows if rows is not None else [adapter] * batch))
+
+    def generate(self, input_ids: torch.Tensor, adapter=None, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """`export.generate` on this session (a kv-cache export): every row with `adapter` (a loaded
+        name, or None for the base model), or row i with adapter[i] (a mixed model: one session run
+        per step for the whole batch). Other arguments as `export.generate`."""
+        kv.read_metadata(self.session)  # a clear error when the model has no KV cache
+        rows = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * input_ids.shape[0]
+        if len(rows) != input_ids.shape[0]:
+            raise lora_fx.InputsError(f"{len(rows)} adapters given for {input_ids.shape[0]} rows; give one per row")
+        return generate(self.session, input_ids, max_new_tokens, extra=self._inputs_for(rows), **kwargs)

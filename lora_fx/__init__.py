@@ -15,7 +15,7 @@ from .adapters import (
     set_adapter,
     size_report,
 )
-from .capture import auto_dims, capture, capture_decoder
+from .capture import auto_dims, capture, capture_decoder, decoder_dims
 from .diff import GraphDiff, graph_diff
 from .errors import (
     AdapterFileError,
@@ -28,12 +28,13 @@ from .errors import (
     TargetError,
 )
 from .fold import delta_weight, merge_and_unload, merge_lora
+from .generation import MODEL_DEFAULT, Sampling, check_request, generate_with, max_positions, special_tokens
 from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
 from .inject import inject_lora
-from .mixed import mixed_adapters
+from .mixed import bank_name, bank_source, mixed_adapters
 from .report import InjectReport, NearMiss
 from .saved import load_graph, save_graph
-from .slot import LORA_A, LORA_B, LoraName, lora_parameters, parse_slot_free, slot_free_name
+from .slot import LORA_A, LORA_B, LoraName, lora_parameters, parse_slot_free, scale_slot_free, slot_free_name
 from .slot import parse_name as parse_lora_name
 from .state import Adapter, LoraState, Site
 
@@ -59,12 +60,22 @@ __all__ = [
     "lora_parameters",
     "size_report",
     "mixed_adapters",
+    "bank_name",
+    "bank_source",
     "save_graph",
     "load_graph",
     "auto_dims",
+    "decoder_dims",
+    "generate_with",
+    "check_request",
+    "Sampling",
+    "MODEL_DEFAULT",
+    "max_positions",
+    "special_tokens",
     "unfolded_lora",
     "slot_free_name",
     "parse_slot_free",
+    "scale_slot_free",
     "parse_lora_name",
     "LoraName",
     "LORA_A",

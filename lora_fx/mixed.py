@@ -25,16 +25,45 @@ from .rewrite import LORA_META
 from .state import Site
 
 INDEX = "adapter_index"
+MIXED = "lora_mixed"  # the MixedLora module of a site: <holder>.lora_mixed
+
+
+def bank_name(slot_free: str) -> str | None:
+    """The bank buffer that holds a served adapter's weight or scaling (by its slot-free name,
+    `<holder>.lora_A[.block<i>].weight` or `<holder>.lora_scaling`), or None for another name."""
+    parsed = slot.parse_slot_free(slot_free)
+    if parsed is not None:
+        which = "A" if parsed.which == slot.LORA_A else "B"
+        return f"{parsed.holder}.{MIXED}.{which}{'' if parsed.block is None else parsed.block}"
+    holder = slot.scale_holder(slot_free)
+    return None if holder is None else f"{holder}.{MIXED}.scale"
+
+
+def bank_source(bank: str) -> str | None:
+    """The slot-free name of what a bank buffer holds (the inverse of `bank_name`), or None for a
+    name that is not a bank."""
+    owner, _, leaf = bank.rpartition(".")
+    holder, _, module = owner.rpartition(".")
+    if module != MIXED or not holder:
+        return None
+    if leaf == "scale":
+        return slot.scale_slot_free(holder)
+    if leaf[:1] in ("A", "B") and (leaf[1:] == "" or leaf[1:].isdigit()):
+        which = slot.LORA_A if leaf[0] == "A" else slot.LORA_B
+        return slot.LoraName(holder, which, None, int(leaf[1:]) if leaf[1:] else None).slot_free
+    return None
 
 
 class MixedLora(nn.Module):
-    """base + per-row LoRA update, for one adapted product; banks hold every adapter (+ a zero one)."""
+    """base + per-row LoRA update, for one adapted product; banks hold every adapter (+ a zero one).
+    Bank buffers are named as `bank_name` maps an adapter's weights to them: `A` / `B` for a whole
+    weight, `A<i>` / `B<i>` for block i of a fused projection, and `scale`."""
 
     def __init__(self, site: Site, banks_a: list[torch.Tensor], banks_b: list[torch.Tensor], scale: torch.Tensor):
         super().__init__()
         self.out_features, self.fused = site.out_features, site.fused
-        self.blocks = [(b.start, b.stop) for b in site.blocks]
-        for i, (a, b) in enumerate(zip(banks_a, banks_b)):
+        self.blocks = [(str(b.index) if site.fused else "", b.start, b.stop) for b in site.blocks]
+        for (i, _, _), a, b in zip(self.blocks, banks_a, banks_b):
             self.register_buffer(f"A{i}", a)  # [adapters + 1, rank, in]
             self.register_buffer(f"B{i}", b)  # [adapters + 1, rows, rank]
         self.register_buffer("scale", scale)  # [adapters + 1, rank]
@@ -44,7 +73,7 @@ class MixedLora(nn.Module):
         xb = x.reshape(rows, -1, x.shape[-1])
         scale = self.scale[index].unsqueeze(1)
         total = None
-        for i, (start, stop) in enumerate(self.blocks):
+        for i, start, stop in self.blocks:
             a = torch.bmm(xb, getattr(self, f"A{i}")[index].transpose(1, 2)) * scale
             d = torch.bmm(a, getattr(self, f"B{i}")[index].transpose(1, 2))
             if self.fused:
@@ -53,12 +82,16 @@ class MixedLora(nn.Module):
         return base + total.reshape(base.shape)
 
 
-def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
-    """An inference graph serving `names` in one batch, chosen per row by the `adapter_index` input."""
+def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModule:
+    """An inference graph serving `names` in one batch, chosen per row by the `adapter_index` input
+    (a position in `names`, or -1 for none). An int k gives k empty banks, each sized to the graph's
+    slots, for a server to fill per request. Works on a forward or on a decoding step
+    (`gm.decode_step()`)."""
     state = require_lora(gm, "mixed_adapters")
-    names = list(names)
-    if not names:
-        raise ConfigError(f"name the adapters to mix, e.g. {sorted(state.adapters)}")
+    slots = names if isinstance(names, int) and not isinstance(names, bool) else None
+    names = [] if slots is not None else list(names)
+    if not names and not (slots and slots > 0):
+        raise ConfigError(f"name the adapters to mix, e.g. {sorted(state.adapters)}, or give a number of empty banks")
     state.check_names(names, f"cannot mix adapters {names}")
     cap = gm.capture_info
     if cap is None or cap.positional or cap.example_inputs is None:
@@ -75,12 +108,12 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
     placeholders = graph.find_nodes(op="placeholder")
     with graph.inserting_after(placeholders[-1]):
         index = graph.placeholder(INDEX)
+    k = (slots or len(names)) + 1  # banks, and the zero one at the end
     with graph.inserting_after(index):  # -1 (no adapter) selects the zero bank at the end
-        selected = graph.call_function(torch.remainder, (index, len(names) + 1))
+        selected = graph.call_function(torch.remainder, (index, k))
     for m in matches:
         site = m.site
-        rank = max([state.adapters[n].ranks.get(site.param, 0) for n in names] + [1])
-        k = len(names) + 1
+        rank = slot.rank_of(gm, site, state.slot) if slots else max([state.adapters[n].ranks.get(site.param, 0) for n in names] + [1])
         banks_a = [torch.zeros(k, rank, site.in_features) for _ in site.blocks]
         banks_b = [torch.zeros(k, b.stop - b.start, rank) for b in site.blocks]
         scale = torch.zeros(k, rank)
@@ -94,7 +127,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
             scale[j, :r] = adapter.scaling(site.param)
         like = gm.get_parameter(site.param)
         module = MixedLora(site, [t.to(like) for t in banks_a], [t.to(like) for t in banks_b], scale.to(like))
-        path = f"{site.holder}.lora_mixed"
+        path = f"{site.holder}.{MIXED}"
         set_module(mixed, path, module)
         for use in m.uses:
             with graph.inserting_after(use.node):
@@ -115,8 +148,11 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str]) -> LoraGraphModule:
         inspect.Parameter(INDEX, inspect.Parameter.KEYWORD_ONLY),
     ])
     mixed.lora_state = None
-    mixed.capture_info = CaptureInfo(source=None, signature=signature, input_names=(*cap.input_names, INDEX),
-                                 example_inputs=example, notes=[f"mixed adapters: {names}"])
+    # the source is kept for what its config says (positions, special tokens); this graph cannot be
+    # captured again (recapture None): the banks are its own
+    mixed.capture_info = CaptureInfo(source=cap.source, signature=signature, input_names=(*cap.input_names, INDEX),
+                                     example_inputs=example, notes=[f"mixed adapters: {names or slots}"],
+                                     kind=cap.kind)
     mixed.recompile()
     mixed.eval()
     return mixed

@@ -105,6 +105,17 @@ def file_key(site: Site, which: str, block_index: int) -> str:
     return FILE_PREFIX + LoraName(site.holder, which, None, block_index if site.fused else None).slot_free
 
 
+def scale_slot_free(holder: str) -> str:
+    """The slot-free name of a holder's scaling (`<holder>.lora_scaling`)."""
+    return f"{holder}.lora_scaling"
+
+
+def scale_holder(slot_free: str) -> str | None:
+    """The holder of a slot-free scaling name (`<holder>.lora_scaling`), or None."""
+    holder, _, leaf = slot_free.rpartition(".")
+    return holder if leaf == "lora_scaling" and holder else None
+
+
 def slot_free_name(name: str, slot: str) -> str | None:
     """The slot-independent name of a LoRA weight or scale of `slot` (`<holder>.lora_A.weight`,
     `<holder>.lora_scaling`), or None for any other name."""
@@ -113,7 +124,7 @@ def slot_free_name(name: str, slot: str) -> str | None:
         return parsed.slot_free
     m = _SCALE_NAME.match(name)
     if m is not None and m["slot"] == slot:
-        return f"{m['holder']}.lora_scaling"
+        return scale_slot_free(m["holder"])
     return None
 
 
