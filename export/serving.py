@@ -134,6 +134,10 @@ def export_adapter(adapter, path, model, name: str | None = None) -> Path:
         want = shapes[key]
         r = t.shape[0] if _is_lora_a(key) else t.shape[1]
         slot_r = want[0] if _is_lora_a(key) else want[1]
+        other = (t.shape[1], want[1]) if _is_lora_a(key) else (t.shape[0], want[0])
+        if t.dim() != 2 or other[0] != other[1]:
+            raise ExportError(f"{key} is {tuple(t.shape)} and does not fit the served model, which takes "
+                              f"{tuple(want)} (up to the rank): an adapter for another base model?")
         if r > slot_r:
             raise ExportError(f"{key} has rank {r} but the served model's slot holds {slot_r}; export the model "
                               "from a graph whose largest adapter rank is at least this one")
@@ -180,17 +184,22 @@ class AdapterServer:
         self.banks = {n: shape for n, shape in overridable.items() if _is_bank(n)}  # mixed models only
         self.mixed = INDEX in {i.name for i in self.session.get_inputs()}
         self.slots = next(iter(self.banks.values()))[0] - 1 if self.banks else 1  # adapters one batch may mix
+        # what one adapter's tensors must look like, by name (a mixed model: one bank's share)
+        self.shapes = {lora_fx.bank_source(n) or n: shape[1:] if _is_bank(n) else shape for n, shape in overridable.items()}
 
     def load(self, name: str, adapter_path) -> None:
         adapter = ort.LoraAdapter()
         adapter.Load(str(adapter_path))  # memory-mapped
         params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
-        expected = {i.name for i in self.session.get_overridable_initializers()}
-        if self.mixed:
-            expected = {lora_fx.bank_source(bank) for bank in expected}
-        unknown = sorted(set(params) - expected)
+        unknown = sorted(set(params) - set(self.shapes))
         if unknown:
             raise ExportError(f"{adapter_path} holds {unknown[:3]}, which the served model does not take")
+        wrong = [k for k, v in params.items() if tuple(v.numpy().shape) != tuple(self.shapes[k])]
+        if wrong:
+            k = wrong[0]
+            raise ExportError(f"{adapter_path}: {k} is {tuple(params[k].numpy().shape)} and does not fit the served "
+                              f"model, which takes {tuple(self.shapes[k])}: an adapter for another base model, or "
+                              "written for another export?")
         device = session_device(self.session)
         self._params[name] = {k: v.numpy() for k, v in params.items()}
         self._bound[name] = {k: v if device == "cpu" else ort.OrtValue.ortvalue_from_numpy(v.numpy(), device, 0)

@@ -139,3 +139,36 @@ class Built:
             module = {"base": self.base, "folded": self.folded(), "lora": self.random_b()}[which]
             self._cache[key] = export.export_onnx(module, directory / f"{self.case.name}-{which}.onnx")
         return self._cache[key]
+
+    def two_adapters(self):
+        """An injected graph with adapters "a" (rank 4, active) and "b" (rank 2), both random (built once)."""
+        if "two" not in self._cache:
+            gm = self.inject(adapter="a")
+            randomize_lora(gm, std=0.3, seed=1)
+            lora_fx.add_adapter(gm, "b", rank=2, alpha=4)
+            lora_fx.set_adapter(gm, "b")
+            randomize_lora(gm, std=0.3, seed=2)
+            lora_fx.set_adapter(gm, "a")
+            self._cache["two"] = gm.eval()
+        return self._cache["two"]
+
+    def kv_onnx(self, which: str, directory):
+        """The row's kv-cache export, each in a folder of its own (with its genai_config.json):
+        "base" (the model), "folded" (random_b folded), "multi" (two_adapters, one adapter per run,
+        with a.onnx_adapter / b.onnx_adapter beside it) or "mixed" (two banks)."""
+        key = ("kv", which)
+        if key not in self._cache:
+            folder = directory / f"{self.case.name}-kv-{which}"
+            folder.mkdir()
+            path = folder / "model.onnx"
+            if which == "base":
+                export.export_onnx(self.model, path, kv_cache=True)
+            elif which == "folded":
+                export.export_onnx(self.folded(), path, kv_cache=True)
+            else:
+                gm = self.two_adapters()
+                export.export_multi_adapter(gm, path, kv_cache=True, mixed=2 if which == "mixed" else 0)
+                for name in ("a", "b"):
+                    export.export_adapter(gm, folder / f"{name}.onnx_adapter", path, name=name)
+            self._cache[key] = path
+        return self._cache[key]

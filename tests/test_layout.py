@@ -24,10 +24,11 @@ FLOORS = {
         "__init__": 8,
     },
     "export": {
-        "onnx_diff": 0, "runtime": 0, "onnx_export": 0,
-        "serving": 1, "render": 1,
-        "cli": 2, "gpu_check": 2,
-        "__init__": 3,
+        "onnx_diff": 0, "runtime": 0, "kv_cache": 0,
+        "onnx_export": 1, "generation": 1,
+        "serving": 2, "render": 2,
+        "cli": 3, "gpu_check": 3,
+        "__init__": 4,
     },
 }
 OPTIONAL = {"safetensors", "transformers"}  # may be imported where used: not every install has them
