@@ -32,7 +32,8 @@ def pytest_itemcollected(item):
     """Every test of one architecture row goes to one xdist worker (--dist loadgroup), so each row
     is built, captured and exported once. (Marked here, as each test is collected: xdist reads the
     marks before any later hook could add them, and a mark on the fixture's params does not reach it.)"""
-    case = getattr(getattr(item, "callspec", None), "params", {}).get("built")
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    case = params.get("built", params.get("decoder"))
     if case is not None:
         item.add_marker(pytest.mark.xdist_group(case.name))
 
@@ -40,6 +41,12 @@ def pytest_itemcollected(item):
 @pytest.fixture(scope="session", params=CASES, ids=[c.name for c in CASES])
 def built(request):
     """One architecture row (tests/models.py): the model, its one capture, injected graphs, exports."""
+    return _built(request.param.name)
+
+
+@pytest.fixture(scope="session", params=[c for c in CASES if c.causal], ids=[c.name for c in CASES if c.causal])
+def decoder(request):
+    """One causal-LM row of the table (it generates), as `built` builds it."""
     return _built(request.param.name)
 
 

@@ -20,11 +20,6 @@ def _prompt(batch=3, seq=6, seed=1, pad_rows=1):
     return ids, mask
 
 
-def _causal(built):
-    if not built.case.causal:
-        pytest.skip("not a causal LM")
-
-
 # ---------------------------------------------------------------------------------- merge_and_unload
 def test_merge_and_unload_is_the_model_class_with_the_fold(built, tmp_path):
     gm = built.random_b()
@@ -76,15 +71,14 @@ def test_merge_and_unload_refuses_a_tied_weight(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- generate
-def test_generate_equals_merge_and_unload_token_for_token(built):
-    _causal(built)
-    gm = built.random_b()
+def test_generate_equals_merge_and_unload_token_for_token(decoder):
+    gm = decoder.random_b()
     merged = lora_fx.merge_and_unload(gm)
     ids, mask = _prompt()
     with torch.no_grad():
         ref = merged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
-        base = built.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+        base = decoder.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)
     ours = gm.generate(ids, max_new_tokens=10, attention_mask=mask, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours, ref), (ours, ref)
@@ -95,11 +89,10 @@ def test_generate_equals_merge_and_unload_token_for_token(built):
     assert torch.equal(gm.generate(ids, max_new_tokens=10, attention_mask=mask), ref_eos)
 
 
-def test_generate_runs_one_new_token_per_step_through_one_capture(built):
+def test_generate_runs_one_new_token_per_step_through_one_capture(decoder):
     """The decoding step is captured once and, after the prompt, is fed one token per step with the
     cache of everything before: the cost of a token does not include re-reading the prefix."""
-    _causal(built)
-    gm = built.inject()
+    gm = decoder.inject()
     decoder = gm.decode_step()
     fed = []
     real = decoder.forward
@@ -119,9 +112,8 @@ def test_generate_runs_one_new_token_per_step_through_one_capture(built):
     assert gm.decode_step() is decoder and len(fed) == 9  # no new capture for the second call
 
 
-def test_sampling_is_seeded_and_filters_like_transformers(built):
-    _causal(built)
-    gm = built.random_b()
+def test_sampling_is_seeded_and_filters_like_transformers(decoder):
+    gm = decoder.random_b()
     ids, mask = _prompt(pad_rows=0)
     kw = dict(max_new_tokens=8, attention_mask=mask, eos_token_id=None, do_sample=True)
     a = gm.generate(ids, seed=3, temperature=1.5, **kw)
@@ -133,9 +125,8 @@ def test_sampling_is_seeded_and_filters_like_transformers(built):
     assert torch.equal(gm.generate(ids, seed=5, top_p=1e-6, **kw), greedy)
 
 
-def test_generate_follows_the_active_adapter(built):
-    _causal(built)
-    gm = built.inject(adapter="a")
+def test_generate_follows_the_active_adapter(decoder):
+    gm = decoder.inject(adapter="a")
     randomize_lora(gm, seed=2)
     lora_fx.add_adapter(gm, "b", rank=2, alpha=8)
     lora_fx.set_adapter(gm, "b")
@@ -152,7 +143,7 @@ def test_generate_follows_the_active_adapter(built):
     assert not torch.equal(out["a"], out["b"])
     with lora_fx.disable_adapters(gm):
         with torch.no_grad():
-            base = built.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+            base = decoder.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                         eos_token_id=None, pad_token_id=0)
         assert torch.equal(gm.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=None), base)
 

@@ -15,13 +15,6 @@ from helpers import token_ids
 NEW = 8
 
 
-@pytest.fixture()
-def decoder(built):
-    if not built.case.causal:
-        pytest.skip("not a causal LM")
-    return built
-
-
 def _prompt():
     """Three rows, the first left-padded by 2."""
     ids = token_ids(3, 6, seed=5)["input_ids"].clamp(min=3)
