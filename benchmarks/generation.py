@@ -133,7 +133,8 @@ def main(argv=None) -> int:
 
         def genai(ids, new):
             params = og.GeneratorParams(genai_model)
-            params.set_search_options(max_length=ids.shape[1] + new, min_length=ids.shape[1] + new, do_sample=False)
+            params.set_search_options(max_length=ids.shape[1] + new, min_length=ids.shape[1] + new, do_sample=False,
+                                      batch_size=ids.shape[0])
             generator = og.Generator(genai_model, params)
             generator.append_tokens(ids.numpy())
             while not generator.is_done():

@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-generate", action="store_true")
     args = ap.parse_args(argv)
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -148,9 +149,39 @@ def main(argv=None) -> int:
         lat = {k: timed(lambda s=s: export.ort_run(s, x), device) for k, s in sessions.items()}
         emit(rows, step="onnx", provider=sessions["folded"].provider, untouched_ms=1e3 * lat["untouched"],
              folded_ms=1e3 * lat["folded"], ratio=lat["folded"] / lat["untouched"])
+    if not args.no_generate:
+        generation(rows, model, gm, size, device, args.tiny)
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / ("benchmarks_gpu_tiny.json" if args.tiny else "benchmarks_gpu.json")).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def generation(rows, model, gm, size, device, tiny: bool) -> None:
+    """Tokens/s of generate: HF on the untouched model, gm.generate (unfolded LoRA, KV cache),
+    merge_and_unload, and ONNX Runtime on the folded kv-cache export (CUDA EP, the cache kept on the
+    device between steps); prompt 32, 64 new tokens, greedy, batch 1 and 8."""
+    import export
+    import lora_fx
+
+    new = 8 if tiny else 64
+    out = ROOT / "results" / "gpu_generate"
+    out.mkdir(parents=True, exist_ok=True)
+    merged = lora_fx.merge_and_unload(gm)
+    path = export.export_onnx(lora_fx.merge_lora(gm), out / "model.onnx", kv_cache=True)
+    session = export.ort_session(path)
+    for b in (1, 8):
+        ids = torch.randint(0, size["vocab_size"], (b, 32), device=device)
+        hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            cases = {
+                "hf_untouched": lambda: model.generate(input_ids=ids, **hf),
+                "lorafx_gm_generate": lambda: gm.generate(ids, new, eos_token_id=None),
+                "merge_and_unload": lambda: merged.generate(input_ids=ids, **hf),
+                "ort_folded_kv": lambda: export.generate(session, ids, new),
+            }
+            sec = {k: timed(fn, device, warmup=1, runs=3) for k, fn in cases.items()}
+        emit(rows, step="generate", batch=b, new_tokens=new, provider=session.provider,
+             **{f"{k}_tok_s": b * new / v for k, v in sec.items()})
 
 
 if __name__ == "__main__":

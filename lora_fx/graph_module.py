@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from . import generation
 from .errors import InputsError, TargetError
+from .flat import flat_runner
 from .paths import copy_graph, copy_non_persistent, own_stateless_modules, resolve, set_module
 from .report import InjectReport
 from .state import LoraState
@@ -179,6 +180,9 @@ class LoraGraphModule(torch.fx.GraphModule):
         Runs the captured decoding step with a KV cache, in eval mode, without gradients."""
         sampling = generation.Sampling(do_sample, temperature, top_k, top_p, seed)
         decoder = self.decode_step()
+        runner = self._variants.get("decoder-runner")
+        if runner is None:  # what runs per token: the decoding step, flat (see lora_fx.flat)
+            runner = self._variants["decoder-runner"] = flat_runner(decoder)
         source = self.capture_info.source
         eos_token_id, pad_token_id = generation.special_tokens(source, eos_token_id, pad_token_id)
         takes_positions = "position_ids" in decoder.capture_info.input_names
@@ -187,7 +191,7 @@ class LoraGraphModule(torch.fx.GraphModule):
 
         def step(ids, mask, pos, past):
             kwargs = {"position_ids": pos} if takes_positions else {}
-            return decoder(input_ids=ids, attention_mask=mask, past_key_values=past, **kwargs)
+            return runner(input_ids=ids, attention_mask=mask, past_key_values=past, **kwargs)
 
         was_training = decoder.training
         decoder.eval()

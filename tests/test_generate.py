@@ -93,23 +93,24 @@ def test_generate_runs_one_new_token_per_step_through_one_capture(decoder):
     """The decoding step is captured once and, after the prompt, is fed one token per step with the
     cache of everything before: the cost of a token does not include re-reading the prefix."""
     gm = decoder.inject()
-    decoder = gm.decode_step()
+    ids, mask = _prompt(batch=2, seq=5, pad_rows=0)
+    gm.generate(ids, max_new_tokens=1, attention_mask=mask)
+    step, runner = gm.decode_step(), gm.variants["decoder-runner"]  # what runs per token
     fed = []
-    real = decoder.forward
+    real = runner.forward
 
     def spy(*args, **kwargs):
         fed.append((kwargs["input_ids"].shape[1], kwargs["past_key_values"][0][0].shape[2]))
         return real(*args, **kwargs)
 
-    decoder.forward = spy
+    runner.forward = spy
     try:
-        ids, mask = _prompt(batch=2, seq=5, pad_rows=0)
         gm.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=None)
         gm.generate(ids, max_new_tokens=3, attention_mask=mask, eos_token_id=None)
     finally:
-        del decoder.forward
+        del runner.forward
     assert fed[:6] == [(5, 0), (1, 5), (1, 6), (1, 7), (1, 8), (1, 9)]
-    assert gm.decode_step() is decoder and len(fed) == 9  # no new capture for the second call
+    assert len(fed) == 9 and gm.decode_step() is step and gm.variants["decoder-runner"] is runner  # no new capture
 
 
 def test_sampling_is_seeded_and_filters_like_transformers(decoder):
