@@ -83,7 +83,7 @@ PROMPTS = ["The movie was", "I thought the acting in this film", "Honestly, the 
 
 
 def continuations(tok, tokens, prompt_len) -> list[str]:
-    return [tok.decode(row[prompt_len:], skip_special_tokens=True).strip() for row in tokens]
+    return [" ".join(tok.decode(row[prompt_len:], skip_special_tokens=True).split()) for row in tokens]
 
 
 def generation_check(gm, tok, out: Path, before: list[str], args) -> list[str]:

@@ -144,8 +144,10 @@ class LoraGraphModule(torch.fx.GraphModule):
         return found
 
     @property
-    def variants(self) -> dict[frozenset, LoraGraphModule]:
-        """The graphs captured so far for other sets of inputs (a copy of the cache, by input names)."""
+    def variants(self) -> dict:
+        """The graphs captured so far from this one's model (a copy of the cache): by the set of input
+        names for other inputs; "decoder" for `decode_step()` and "decoder-runner" for the flat copy
+        `generate` runs."""
         return dict(self._variants)
 
     def forget_variants(self) -> None:
