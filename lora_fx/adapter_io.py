@@ -38,15 +38,22 @@ MAX_CONFIG_BYTES = 1 << 20
 
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
-        "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights"}
+        "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters"}
 IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
            "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
-           "qalora_group_size", "lora_ga_config", "kasa_config", "monteclora_config", "velora_config"}
-# fields that change the adapter's math: accepted only at their neutral value
+           "qalora_group_size", "lora_ga_config"}
+# fields that change the adapter's math: accepted only at their neutral value; a PEFT variant
+# lora-fx does not implement is refused by the field that turns it on
 NEUTRAL = {"bias": "none", "use_dora": False, "lora_bias": False, "layers_to_transform": None,
-           "layers_pattern": None, "exclude_modules": None, "target_parameters": None, "use_qalora": False,
+           "layers_pattern": None, "exclude_modules": None, "use_qalora": False,
            "trainable_token_indices": None, "layer_replication": None, "alora_invocation_tokens": None,
-           "arrow_config": None, "megatron_config": None, "use_bdlora": None}
+           "arrow_config": None, "megatron_config": None, "use_bdlora": None, "kasa_config": None,
+           "velora_config": None, "monteclora_config": None}
+VARIANTS = {"use_dora": "DoRA", "lora_bias": "LoRA with a trained bias", "kasa_config": "KaSA", "velora_config": "VeLoRA",
+            "monteclora_config": "MonteCLoRA", "use_bdlora": "BD-LoRA", "trainable_token_indices": "trainable tokens",
+            "use_qalora": "QA-LoRA", "arrow_config": "Arrow", "alora_invocation_tokens": "aLoRA"}
+# init_lora_weights values that make a variant, not only an initialisation (MiCA freezes lora_B)
+VARIANT_INITS = {"mica": "MiCA (trains lora_A only)"}
 
 
 @dataclass
@@ -65,8 +72,9 @@ class AdapterFile:
         return out
 
     def targets(self):
-        """The `targets` to match: the config's, with fused-block specs where lora-fx saved some."""
-        targets = self.config["target_modules"]
+        """The `targets` to match: the config's, with fused-block specs where lora-fx saved some
+        (None when the adapter targets parameters only)."""
+        targets = self.config["target_modules"] or None
         if not self.config.get("lora_fx_blocks"):
             return targets
         spec = {t: True for t in ([targets] if isinstance(targets, str) else targets)}
@@ -80,13 +88,14 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
     state = require_lora(gm, "adapter_file")
     adapter = state.adapter(name)
     lora, scalings = {}, {}
-    for param, pairs in slot.read(gm, state, adapter.name).items():
+    weights = slot.read(gm, state, adapter.name)
+    holders = slot.file_holders([state.sites[p] for p in weights])
+    for param, pairs in weights.items():
         site = state.sites[param]
         for block, (a, b) in zip(site.blocks, pairs):
-            index = block.index if site.fused else None
-            lora[slot.LoraName(site.holder, slot.LORA_A, None, index)] = a
-            lora[slot.LoraName(site.holder, slot.LORA_B, None, index)] = b
-        scalings[site.holder] = adapter.scaling(param)
+            lora[slot.file_name(site, holders[param], slot.LORA_A, block.index)] = slot.to_file(site, slot.LORA_A, a)
+            lora[slot.file_name(site, holders[param], slot.LORA_B, block.index)] = slot.to_file(site, slot.LORA_B, b)
+        scalings[holders[param]] = adapter.scaling(param)
     return AdapterFile(peft_config(gm, adapter.name), lora, dict(trainable_weights(gm)), scalings)
 
 
@@ -127,7 +136,7 @@ def fingerprint(config: dict) -> str:
     """A hash of the config fields that must agree with the weights (not of the bytes: editing
     base_model_name_or_path by hand is fine)."""
     keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "use_rslora",
-            "lora_fx_blocks")
+            "lora_fx_blocks", "target_parameters")
     return hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
 
 
@@ -145,18 +154,25 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
     r = max(set(adapter.ranks.values()), key=list(adapter.ranks.values()).count)
     alpha = max(set(adapter.alphas.values()), key=list(adapter.alphas.values()).count)
     source = gm.capture_info.source if gm.capture_info else None
+    modules = [s for s in sites if not s.by_parameter]
+    parameters = [s for s in sites if s.by_parameter]
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": adapter.config.dropout,
-        "target_modules": sorted(s.owner for s in sites),
-        "rank_pattern": {re.escape(s.owner): adapter.ranks[s.param] for s in sites if adapter.ranks[s.param] != r},
-        "alpha_pattern": {re.escape(s.owner): adapter.alphas[s.param] for s in sites if adapter.alphas[s.param] != alpha},
+        "target_modules": sorted({s.owner for s in modules}),
+        "target_parameters": [s.param for s in parameters] or None,
+        "rank_pattern": {re.escape(s.owner): adapter.ranks[s.param] for s in modules if adapter.ranks[s.param] != r},
+        "alpha_pattern": {re.escape(s.owner): adapter.alphas[s.param] for s in modules if adapter.alphas[s.param] != alpha},
         "modules_to_save": list(state.trainable_modules) or None,
-        "fan_in_fan_out": any(s.layout == "in_out" for s in sites),
+        "fan_in_fan_out": any(s.kind == "linear" and s.layout == "in_out" for s in sites),
         "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" else True,
-        "bias": "none", "use_rslora": False, "use_dora": False,
+        "bias": "none", "use_rslora": adapter.config.use_rslora, "use_dora": False,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
     }
+    uneven = sorted(s.param for s in parameters if adapter.ranks[s.param] != r or adapter.alphas[s.param] != alpha)
+    if uneven:  # PEFT's patterns name modules, and one module may hold several targeted parameters
+        raise ConfigError(f"{uneven[:2]}: parameter targets with a rank or alpha of their own cannot be written in "
+                          f"PEFT's config (its patterns name modules); give them the adapter's rank {r} and alpha {alpha}")
     blocks = {s.owner: _block_spec(s) for s in sites if s.fused}
     if blocks:  # not representable in PEFT: only lora-fx reads these adapters
         config["lora_fx_blocks"] = blocks
@@ -220,13 +236,18 @@ def read_adapter(directory) -> AdapterFile:
             raise AdapterFileError(f"{key} in {weights} has dtype {t.dtype}; adapter weights are floating point")
         name = slot.parse_file_key(key)
         if name is None:
+            variant = next((part for part in key.split(".") if part.startswith("lora_")), None)
+            if variant is not None:  # e.g. DoRA's lora_magnitude_vector, or a lora_B.bias
+                raise AdapterFileError(f"{key} in {weights} is a {variant} weight of a LoRA variant lora-fx does not "
+                                       "implement (DoRA, a LoRA bias, KaSA, ...); only lora_A / lora_B are supported")
             modules[key[len(slot.FILE_PREFIX):]] = t
         else:
             lora[name] = t
     scalings = {}
     for name, t in lora.items():
-        if name.which == slot.LORA_A:
-            r, alpha = t.shape[0], pattern_value(config["alpha_pattern"], name.holder, config["lora_alpha"])
+        if name.which == slot.LORA_A:  # the config's rank: an expert stack's lora_A has r * E rows
+            r = pattern_value(config["rank_pattern"], name.holder, config["r"])
+            alpha = pattern_value(config["alpha_pattern"], name.holder, config["lora_alpha"])
             scalings[name.holder] = alpha / (math.sqrt(r) if config["use_rslora"] else r)
     return AdapterFile(config, lora, modules, scalings)
 
@@ -244,7 +265,13 @@ def validate_config(config: dict, where) -> dict:
     for key, neutral in NEUTRAL.items():
         value = config.get(key, neutral)
         if value != neutral and not (neutral is None and value in ({}, [], False)):
-            raise AdapterFileError(f"{where}: {key}={value!r} is not supported by lora-fx (only {neutral!r})")
+            variant = f" ({VARIANTS[key]}, a PEFT variant lora-fx does not implement)" if key in VARIANTS else ""
+            raise AdapterFileError(f"{where}: {key}={str(value)[:80]}{variant} is not supported by lora-fx "
+                                   f"(only {neutral!r}); use PEFT for this adapter")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in VARIANT_INITS:
+        raise AdapterFileError(f"{where}: init_lora_weights={init!r} makes {VARIANT_INITS[init.lower()]}, a PEFT variant "
+                               "lora-fx does not implement; use PEFT for this adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA")
 
@@ -262,8 +289,12 @@ def validate_config(config: dict, where) -> dict:
     dropout = config.get("lora_dropout", 0.0)
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise AdapterFileError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) and targets) and not (
+    targets, parameters = config.get("target_modules"), config.get("target_parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(t, str) and t for t in parameters):
+        raise AdapterFileError(f"{where}: target_parameters must be a list of parameter names, got {parameters!r}")
+    if parameters and targets in (None, []):
+        targets = []
+    elif not (isinstance(targets, str) and targets) and not (
             isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise AdapterFileError(f"{where}: target_modules must be a regex string or a list of module names, got {targets!r}")
     for key, check in (("rank_pattern", positive_int), ("alpha_pattern", positive)):
@@ -282,6 +313,7 @@ def validate_config(config: dict, where) -> dict:
         raise AdapterFileError(f"{where}: use_rslora must be true or false")
     return {
         "r": r, "lora_alpha": float(alpha), "lora_dropout": float(dropout), "target_modules": targets,
+        "target_parameters": parameters or None,
         "rank_pattern": dict(config.get("rank_pattern") or {}), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
         "modules_to_save": modules, "use_rslora": config.get("use_rslora", False),
         "lora_fx_blocks": config.get("lora_fx_blocks") or {},
@@ -292,16 +324,17 @@ def validate_config(config: dict, where) -> dict:
 def _weights_for(sites: list[Site], file: AdapterFile, directory) -> tuple[Weights, dict[str, int]]:
     """Map the file's LoRA weights to sites: ({weight name: [(A, B) per block]}, {weight name: rank});
     every site must have its weights and every LoRA weight must belong to a site."""
-    by_holder = {s.holder: s for s in sites}
+    holders = slot.file_holders(sites)
+    by_holder = {holders[s.param]: s for s in sites}
     found: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     extra = []
     for name, t in file.lora.items():
         site = by_holder.get(name.holder)
-        if site is None or not name.matches(site):
+        if site is None or not name.matches(site, holders[site.param]) or name.embedding != (site.kind == "embedding"):
             extra.append(slot.FILE_PREFIX + name.slot_free)
             continue
-        found.setdefault(site.param, {})[(name.which, name.block or 0)] = t
-    missing = [s.holder for s in sites if s.param not in found or len(found[s.param]) != 2 * len(s.blocks)]
+        found.setdefault(site.param, {})[(name.which, name.block or 0)] = slot.from_file(site, name.which, t)
+    missing = [holders[s.param] for s in sites if s.param not in found or len(found[s.param]) != 2 * len(s.blocks)]
     if missing or extra:
         raise AdapterFileError(
             f"{directory} does not fit this model: " + "; ".join(filter(None, [
@@ -312,7 +345,7 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory) -> tuple[Weigh
     weights, ranks = {}, {}
     for site in sites:
         pairs = [(found[site.param][(slot.LORA_A, b.index)], found[site.param][(slot.LORA_B, b.index)]) for b in site.blocks]
-        ranks[site.param] = pairs[0][0].shape[0]
+        ranks[site.param] = pairs[0][0].shape[site.rank_dims[0]]
         weights[site.param] = pairs
     return weights, ranks
 
@@ -333,7 +366,8 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
         base = graph_to_adapt(gm_or_model, example_inputs)
         exclude = output_layer(base.capture_info.source)
     try:
-        matches, near = match_weights(base, parse_targets(file.targets()), exclude=exclude)
+        matches, near = match_weights(base, parse_targets(file.targets(), file.config["target_parameters"]),
+                                      exclude=exclude)
         sites = [state.sites.get(m.site.param, m.site) if state is not None else m.site for m in matches]
         adapter = _adapter_from_file(base, name, sites, file, directory)
     except (TargetError, ConfigError) as e:
@@ -356,11 +390,11 @@ def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file
         if ranks[s.param] != want:
             raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
     alphas = {s.param: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
-    if config["use_rslora"]:
-        alphas = {p: a * math.sqrt(ranks[p]) for p, a in alphas.items()}
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
+    parameters = config["target_parameters"]
     lora_config = LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
-                             tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"])
+                             tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],
+                             None if parameters is None else tuple(parameters), config["use_rslora"])
     return new_adapter(base, name, lora_config, sites, weights=weights, ranks=ranks, alphas=alphas)
 
 

@@ -21,18 +21,22 @@ from .state import LoraConfig, Weights
 
 def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, alpha: float = 16,
                 dropout: float = 0.0, init: str = "gaussian", rank_pattern=None, alpha_pattern=None,
-                weights=None) -> None:
-    """Add a new adapter (not active until set_adapter). `targets` defaults to the first adapter's.
-    Weights it adapts that no adapter adapted before get LoRA nodes (a graph change, once)."""
+                weights=None, target_parameters=None, use_rslora: bool = False) -> None:
+    """Add a new adapter (not active until set_adapter). `targets` (and `target_parameters`) default
+    to the first adapter's. Weights it adapts that no adapter adapted before get LoRA nodes (a graph
+    change, once)."""
     state = require_lora(gm, "add_adapter")
     check_adapter_name(name)
     if name in state.adapters:
         raise ConfigError(f"adapter {name!r} exists; delete_adapter it first or choose another name")
     check_hparams(rank, alpha, dropout, init)
     first = next(iter(state.adapters.values()))
-    config = LoraConfig(first.config.targets if targets is None else targets, rank, alpha, dropout, init,
-                        (), dict(rank_pattern or {}), dict(alpha_pattern or {}))
-    matches, _ = match_weights(base_copy(gm), parse_targets(config.targets), exclude=state.exclude)
+    if targets is None and target_parameters is None:
+        targets, target_parameters = first.config.targets, first.config.target_parameters
+    spec = parse_targets(targets, target_parameters)
+    config = LoraConfig(targets, rank, alpha, dropout, init, (), dict(rank_pattern or {}), dict(alpha_pattern or {}),
+                        None if target_parameters is None else tuple(spec.parameters), bool(use_rslora))
+    matches, _ = match_weights(base_copy(gm), spec, exclude=state.exclude)
     sites = [state.sites.get(m.site.param, m.site) for m in matches]
     attach_adapter(gm, sites, new_adapter(gm, name, config, sites, weights=weights))
 

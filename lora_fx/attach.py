@@ -53,14 +53,10 @@ def pattern_value(pattern: dict, path: str, default):
 
 
 def _check_rank(site: Site, r) -> None:
+    # a rank above min(in, out) adds parameters but no expressiveness; PEFT accepts it, and so do
+    # adapter files from the hub, so it is accepted here too
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"rank for {site.owner} must be a positive int, got {r!r}")
-    if r > site.max_rank():
-        rows = min(b.stop - b.start for b in site.blocks)
-        raise ConfigError(
-            f"rank {r} is larger than min(in={site.in_features}, out={rows}) = {site.max_rank()} of "
-            f"{site.param}; choose rank <= {site.max_rank()}"
-        )
 
 
 def _check_alpha(site: Site, a) -> None:
@@ -81,7 +77,7 @@ def check_weights(weights: Weights, sites: list[Site], ranks: dict[str, int]) ->
             raise TargetError(f"{param}: {len(pairs)} weight blocks given, {len(site.blocks)} expected")
         r = ranks[param]
         for block, (a, b) in zip(site.blocks, pairs):
-            want_a, want_b = (r, site.in_features), (block.stop - block.start, r)
+            want_a, want_b = site.a_shape(r), site.b_shape(block.stop - block.start, r)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise TargetError(
                     f"{param}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit this model, which "
@@ -91,15 +87,21 @@ def check_weights(weights: Weights, sites: list[Site], ranks: dict[str, int]) ->
 
 # ---------------------------------------------------------------------------------- adapters
 def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fresh adapter's (A, B) for every block of a site: A random, B zero."""
+    """A fresh adapter's (A, B) for every block of a site: A random, B zero (an embedding, as PEFT:
+    A zero, B ~ N(0, 1)). Either way B @ A = 0: training starts at the pretrained model."""
     out = []
     for block in site.blocks:
-        a = torch.empty(rank, site.in_features, device=like.device, dtype=like.dtype)
-        if init == "gaussian":  # the paper's A ~ N(0, sigma^2); sigma = 1/r as PEFT's "gaussian"
+        a = torch.empty(site.a_shape(rank), device=like.device, dtype=like.dtype)
+        b = torch.zeros(site.b_shape(block.stop - block.start, rank), device=like.device, dtype=like.dtype)
+        if site.kind == "embedding":
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        elif init == "gaussian":  # the paper's A ~ N(0, sigma^2); sigma = 1/r as PEFT's "gaussian"
             nn.init.normal_(a, std=1 / rank)
-        else:  # "kaiming": loralib's and PEFT's default (nn.Linear's own init)
+        elif site.kind == "experts":  # PEFT's ParamWrapper: nn.Linear(in, r * E)'s init, per expert
+            nn.init.kaiming_uniform_(a.view(-1, site.in_features), a=math.sqrt(5))
+        else:  # "kaiming": loralib's and PEFT's default (nn.Linear's / nn.ConvNd's own init)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        b = torch.zeros(block.stop - block.start, rank, device=like.device, dtype=like.dtype)  # B = 0
         out.append((a, b))
     return out
 
@@ -115,6 +117,10 @@ def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site],
     for site in sites:
         _check_rank(site, ranks[site.param])
         _check_alpha(site, alphas[site.param])
+    experts = [s.param for s in sites if s.kind == "experts"]
+    if experts and config.dropout > 0:
+        raise ConfigError(f"LoRA dropout cannot apply to expert stacks ({experts[0]}): their update is added to the "
+                          "weight, not to an activation (PEFT refuses it too); use dropout=0")
     if weights is None:
         weights = {s.param: init_weights(s, ranks[s.param], config.init, gm.get_parameter(s.param)) for s in sites}
     else:

@@ -28,14 +28,16 @@ def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
     if adapters is None:  # what the graph computes now: the slots, with their per-row scale
         scale, pairs = slot.tensors(gm, site, state.slot)
         for block, (a, b) in zip(site.blocks, pairs):
-            out.append((block, b.detach().float() * scale.float(), a.detach().float()))
+            a, b = site.as_matrix(a.detach().float(), b.detach().float())
+            out.append((block, b * scale.float(), a))
         return out
     for name, weight in adapter_mix(state, adapters).items():
         adapter = state.adapters[name]
         if site.param not in adapter.ranks:
             continue
         for block, (a, b) in zip(site.blocks, slot.read(gm, state, name)[site.param]):
-            out.append((block, b.float() * (weight * adapter.scaling(site.param)), a.float()))
+            a, b = site.as_matrix(a.float(), b.float())
+            out.append((block, b * (weight * adapter.scaling(site.param)), a))
     return out
 
 
@@ -46,10 +48,11 @@ def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     names, or {name: weight} for a weighted sum of stored adapters.
     """
     w0 = gm.get_parameter(site.param)
-    delta = torch.zeros(site.out_features, site.in_features, dtype=torch.float32, device=w0.device)
+    batch = (site.experts,) if site.experts else ()
+    delta = torch.zeros(*batch, site.out_features, site.in_features, dtype=torch.float32, device=w0.device)
     for block, b, a in _factors(gm, site, adapters):
-        delta[block.start:block.stop] += b @ a
-    return delta.t() if site.layout == "in_out" else delta
+        delta[..., block.start:block.stop, :] += b @ a
+    return site.as_weight(delta)
 
 
 def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
@@ -63,7 +66,9 @@ def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
             "Check the training run (learning rate, loss scaling) or reload the adapter."
         )
     w = w0.detach().to(torch.float32, copy=True)
-    for block, b, a in factors:
+    if site.kind != "linear":  # conv, embedding, experts: one delta in the weight's shape
+        w += delta_weight(gm, site, adapters)
+    for block, b, a in factors if site.kind == "linear" else ():
         if site.layout == "in_out":  # W0 is [in, out]: the block is a column range
             w[:, block.start:block.stop].addmm_(a.t(), b.t())
         else:

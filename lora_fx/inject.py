@@ -16,7 +16,7 @@ from .state import Adapter, LoraConfig
 
 def inject_lora(
     model: nn.Module,
-    targets,
+    targets=None,
     *,
     rank: int = 8,
     alpha: float = 16,
@@ -28,23 +28,30 @@ def inject_lora(
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
     weights: dict | None = None,
+    target_parameters=None,
+    use_rslora: bool = False,
 ) -> LoraGraphModule:
     """Capture `model` and add LoRA beside every weight `targets` names.
 
     targets: a list of module names (a path matches when equal or ending with "." + name), a regex
     full-matched against module paths, "all-linear", or a dict {name: blocks} that adapts only some
     row blocks of a fused projection ([True, False, True] or [(rows, True), ...]).
+    target_parameters: PEFT's parameter targets, paths (or "."-suffixes) of weights that are not a
+    module's `.weight`, e.g. MoE expert stacks ["experts.gate_up_proj", "experts.down_proj"]: each
+    expert gets its own rank-r pair. `targets` may then be None.
     rank_pattern / alpha_pattern: PEFT's per-module overrides ({"v_proj": 16}).
+    use_rslora: scaling = alpha / sqrt(rank) (rsLoRA), as PEFT's use_rslora.
     Only LoRA weights (and the modules named in `trainable`, which are copied) require grad; base
     weights are shared with `model`, never copied; `model` itself is left as it was.
     The report of what was done is `gm.lora_report`.
     """
     check_hparams(rank, alpha, dropout, init)
     check_adapter_name(adapter)
-    spec = parse_targets(targets)
+    spec = parse_targets(targets, target_parameters)
     trainable = _as_names(trainable)
     config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable), dict(rank_pattern or {}),
-                        dict(alpha_pattern or {}))
+                        dict(alpha_pattern or {}), None if target_parameters is None else tuple(spec.parameters),
+                        bool(use_rslora))
     gm = graph_to_adapt(model, example_inputs)
     exclude = output_layer(gm.capture_info.source)
     matches, near = match_weights(gm, spec, exclude=exclude)

@@ -1,18 +1,25 @@
 """Match: which weights of a captured graph a `targets` spec adapts, and how each is consumed.
 
-Matching is on the graph, not on module types: a weight is adaptable when it is 2-D and the ops that
-consume it multiply an activation by it (`aten.linear`, GPT-2 Conv1D's `addmm`, Falcon's
-`matmul(x, W.T)`, ...). Everything that is refused is kept as a `NearMiss` saying why.
+Matching is on the graph, not on module types. A weight's kind follows from its consumers:
+    linear     2-D, multiplied with an activation (`aten.linear`, GPT-2 Conv1D's `addmm`, Falcon's
+               `matmul(x, W.T)`, ...)
+    conv       N-D, the weight of `aten.conv1d/2d/3d` (any stride, padding, dilation, groups)
+    embedding  2-D, read as a table by `aten.embedding` (named explicitly; "all-linear" skips it)
+    experts    3-D, a stack of matrices named by parameter path (`target_parameters`), whatever
+               consumes it (a grouped-mm op, `index` + `bmm`, ...)
+Everything that is refused is kept as a `NearMiss` saying why.
 """
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .errors import ConfigError, TargetError
 from .report import NearMiss
@@ -28,6 +35,9 @@ MATMUL_OPS = {aten.mm.default: 1, aten.matmul.default: 1, aten.addmm.default: 2}
 TRANSPOSE_OPS = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
 # ops that read a 2-D weight as a table, not as a linear map
 TABLE_OPS = {aten.embedding.default, aten._embedding_bag.default, aten.embedding_bag.padding_idx}
+# convolutions: (input, weight, bias, stride, padding, dilation, groups); `.padding` takes "same" / "valid"
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 
 
 @dataclass
@@ -35,8 +45,8 @@ class Use:
     """One place where a matched weight meets an activation."""
 
     node: torch.fx.Node  # the node computing the product (for "weight", the consumer of W)
-    kind: str  # "linear" | "addmm" | "matmul" | "weight"
-    x: torch.fx.Node | None = None  # the activation (None for "weight")
+    kind: str  # "linear" | "addmm" | "matmul" | "conv" | "embedding" | "weight"
+    x: torch.fx.Node | None = None  # the activation, or the indices of an embedding (None for "weight")
     weight: torch.fx.Node | None = None  # the get_attr node of W (for "weight")
     layout: str | None = None  # how this use reads W: "out_in", "in_out", or None (any)
 
@@ -56,9 +66,14 @@ class TargetSpec:
     regex: str | None = None  # full-matched against the path
     all_linear: bool = False
     blocks: dict[str, Any] = field(default_factory=dict)  # name -> fused-block spec
+    parameters: list[str] = field(default_factory=list)  # PEFT's target_parameters: parameter paths or suffixes
 
     def keys(self) -> list[str]:
-        return list(self.names) + ([self.regex] if self.regex else []) + list(self.blocks)
+        return list(self.names) + ([self.regex] if self.regex else []) + list(self.blocks) + list(self.parameters)
+
+    def parameter(self, name: str) -> str | None:
+        """The target_parameters entry naming parameter `name`, or None."""
+        return next((t for t in self.parameters if name == t or name.endswith("." + t)), None)
 
     def which(self, path: str) -> str | None:
         """The entry of the spec that matches `path`, or None."""
@@ -70,7 +85,19 @@ class TargetSpec:
         return None
 
 
-def parse_targets(targets) -> TargetSpec:
+def parse_targets(targets, parameters=None) -> TargetSpec:
+    """`targets` (module names, a regex, "all-linear" or fused-block specs) and `parameters`
+    (PEFT's target_parameters: paths of weights that are not a module's `.weight`, e.g. MoE experts)."""
+    if parameters is not None:
+        names = [parameters] if isinstance(parameters, str) else parameters
+        if not isinstance(names, (list, tuple)) or not all(isinstance(t, str) and t for t in names):
+            raise ConfigError(f"target_parameters must be a list of parameter names, e.g. ['experts.gate_up_proj'], "
+                              f"got {parameters!r}")
+        spec = parse_targets(targets) if targets not in (None, [], ()) else TargetSpec()
+        spec.parameters = list(names)
+        return spec
+    if targets is None or (isinstance(targets, (list, tuple)) and not targets):
+        raise ConfigError("targets is empty: name modules, e.g. ['q_proj', 'v_proj'], or pass target_parameters")
     if isinstance(targets, str):
         if targets == "all-linear":
             return TargetSpec(all_linear=True)
@@ -187,6 +214,11 @@ def classify(weight_nodes: list[torch.fx.Node]):
             if user.target in TABLE_OPS:
                 tables.append(user)
                 continue
+            if user.target in CONV_OPS and len(user.args) > 1 and user.args[1] is w and user.args[0] is not w:
+                groups = user.args[6] if len(user.args) > 6 else user.kwargs.get("groups", 1)
+                # a grouped conv's update is applied to its weight (exact; LoRA's own conv would mix groups)
+                uses.append(Use(user, "conv", x=user.args[0]) if groups == 1 else Use(user, "weight", weight=w))
+                continue
             # Any other consumer (split, chunk, a custom op, ...): adapt the weight itself,
             # W + scaling * B @ A, which is exact for whatever the consumer computes with it.
             uses.append(Use(user, "weight", weight=w))
@@ -212,11 +244,16 @@ def _uses(get_attrs: dict, names: list[str], owner: str):
     left_alone = []
     if len(names) > 1:  # tied weight: adapt only the consumers traced inside the matched module
         mine = [u for u in uses if _in_stack(u.node, owner)]
+        mine_tables = [t for t in tables if _in_stack(t, owner)]
         others = [u for u in uses if u not in mine]
         left_alone = [f"{u.node.name} ({u.node.target}) belongs to another module sharing this weight" for u in others]
-        left_alone += [f"{t.name} ({t.target}) reads this tied weight as a table" for t in tables]
         if mine:
+            left_alone += [f"{t.name} ({t.target}) reads this tied weight as a table" for t in tables]
             uses, tables = mine, []
+        elif mine_tables:  # a tied embedding named as the embedding: its products belong to the other module
+            left_alone += [f"{t.name} ({t.target}) belongs to another module sharing this weight"
+                           for t in tables if t not in mine_tables]
+            uses, tables = [], mine_tables
     return uses, tables, left_alone
 
 
@@ -230,10 +267,23 @@ def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
     matches = []
     for site in sites:
         names = names_by_param.get(id(gm.get_parameter(site.param)), [site.param])
-        uses, _, left_alone = _uses(get_attrs, names, site.owner)
+        uses, tables, left_alone = _uses(get_attrs, names, site.owner)
+        uses = kind_uses(site.kind, uses, tables, [n for alias in names for n in get_attrs.get(alias, [])])
         if uses:
             matches.append(Match(site, uses, left_alone))
     return matches
+
+
+def kind_uses(kind: str, uses: list[Use], tables: list[torch.fx.Node], nodes: list[torch.fx.Node]) -> list[Use]:
+    """The uses to rewrite for a weight of `kind` (read through get_attr `nodes`), from `classify`'s
+    products and tables."""
+    if kind == "embedding":
+        looked_up = [Use(t, "embedding", x=t.args[1]) if t.target is aten.embedding.default
+                     else Use(t, "weight", weight=t.args[0]) for t in tables]
+        return looked_up + uses
+    if kind == "experts":  # whatever reads the stack (a transpose into a grouped mm, index + bmm) gets W + update
+        return [Use(user, "weight", weight=w) for w in nodes for user in list(w.users)]
+    return uses
 
 
 @dataclass(frozen=True)
@@ -244,47 +294,111 @@ class Refusal:
     quiet: bool = False  # not news: a bias of a named module, anything "all-linear" skips
 
 
-def _key(spec: TargetSpec, name: str, exclude: str | None) -> str | None:
+def _key(spec: TargetSpec, name: str, exclude: str | None, attention: set[str]) -> str | None:
     """The entry of `spec` that names parameter `name` (by its module path, or by its own path for
-    a parameter that is not a module's `.weight`), or None."""
+    a parameter that is not a module's `.weight`), or None. A target naming an
+    nn.MultiheadAttention (a path in `attention`) names its out_proj too, as in PEFT (not a
+    fused-block spec, which is about in_proj's rows)."""
     owner, leaf = _owner(name)
     if spec.all_linear:
         return "all-linear" if owner != exclude else None
     key = spec.which(owner)
     if key is None and leaf != "weight":
         key = spec.which(name)
+    parent, child = _owner(owner)
+    if key is None and child == "out_proj" and parent in attention:
+        key = spec.which(parent)
+        if key in spec.blocks:  # a fused-block spec names the rows of in_proj only
+            key = None
     return key
 
 
-def _refusal(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables: list) -> Refusal | None:
-    """None when LoRA can adapt weight `name` as it is used; else why not."""
+def attention_paths(model: nn.Module | None) -> set[str]:
+    """Paths of the nn.MultiheadAttention modules of the captured model."""
+    if model is None:
+        return set()
+    return {path for path, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _is_bias(leaf: str) -> bool:
+    return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
+
+
+def _kind(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables: list,
+          by_parameter: bool) -> str | Refusal:
+    """The kind of weight `name` ("linear", "conv", "embedding", "experts") as it is used, or why
+    LoRA does not adapt it."""
     leaf = _owner(name)[1]
+    if is_traceable_wrapper_subclass(p) or type(p.data) not in (torch.Tensor, nn.Parameter):
+        return Refusal(f"is a {type(p.data).__name__}, a tensor subclass (a quantized weight?), not a plain tensor; "
+                       "LoRA adds its update to a plain weight. Load the base model unquantized (e.g. in "
+                       "bfloat16) to inject LoRA", spec.all_linear)
+    if _is_bias(leaf):  # a bias stack is 2-D in MoE experts (gpt-oss): still one value per output
+        return Refusal(f"is a bias {tuple(p.shape)} (one value per output), not a matrix LoRA can factor; "
+                       "LoRA adapts weights", quiet=not by_parameter)
+    if p.dim() >= 3 and uses and all(u.kind == "conv" or u.node.target in CONV_OPS for u in uses):
+        if spec.all_linear:  # PEFT's "all-linear" is linear layers only
+            return Refusal("is a convolution weight", quiet=True)
+        return "conv"
+    if p.dim() == 3 and by_parameter:
+        return "experts" if uses or tables else Refusal("is not used by the captured forward")
     if p.dim() != 2:
-        quiet = (p.dim() == 1 and spec.all_linear) or (leaf != "weight" and p.dim() < 2)
-        return Refusal(f"is {p.dim()}-D {tuple(p.shape)}; LoRA adapts 2-D weights consumed by linear-like ops", quiet)
+        quiet = spec.all_linear or (leaf != "weight" and p.dim() < 2)
+        what = ("a vector (a norm's scale?)" if p.dim() < 2 else
+                "not a convolution's weight; name a stack of expert matrices in target_parameters" if p.dim() == 3 else
+                "not a convolution's weight")
+        return Refusal(f"is {p.dim()}-D {tuple(p.shape)}, {what}; LoRA adapts matrices: linear, conv and embedding "
+                       "weights and expert stacks", quiet)
     if not uses and tables:
-        return Refusal(f"is read as a table by {tables[0].target} (an embedding), not by a linear-like op; LoRA "
-                       "here adapts linear layers only", spec.all_linear)
+        if spec.all_linear:  # as PEFT: "all-linear" leaves embeddings alone
+            return Refusal(f"is read as a table by {tables[0].target} (an embedding)", quiet=True)
+        return "embedding"
     if not uses:
         return Refusal("is not used by the captured forward", spec.all_linear)
     if spec.all_linear and all(u.kind == "weight" for u in uses):
         return Refusal("is not a linear layer (only split or reshaped)", quiet=True)
     if len({u.layout for u in uses if u.layout}) > 1:
         return Refusal("is used both as [out, in] and as [in, out]; cannot adapt it consistently")
-    return None
+    return "linear"
 
 
-def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, uses: list[Use], two_d_leaves: list[str]) -> Site:
-    """The site for weight `name`: its layout, sizes, adapted row blocks, and where LoRA lives."""
-    owner, leaf = _owner(name)
-    p = gm.get_parameter(name)
+def _layout(kind: str, p: torch.Tensor, uses: list[Use], module: nn.Module | None) -> tuple[str, int, int]:
+    """(layout, in_features, out_features) of a weight of `kind`, read as the matrix LoRA factors."""
+    if kind == "conv":  # [out, in/groups, *kernel]
+        return "out_in", int(math.prod(p.shape[1:])), int(p.shape[0])
+    if kind == "embedding":  # [num, dim]: a lookup is x_onehot @ W, so W is [in, out]
+        return "in_out", int(p.shape[0]), int(p.shape[1])
+    if kind == "experts":  # transformers marks [E, in, out] storage (gpt-oss) with is_transposed
+        transposed = bool(getattr(module, "is_transposed", False))
+        return ("in_out", int(p.shape[1]), int(p.shape[2])) if transposed else ("out_in", int(p.shape[2]), int(p.shape[1]))
     layout = next((u.layout for u in uses if u.layout), "out_in")  # weight-form uses only: PyTorch's [out, in]
     out_f, in_f = (p.shape[0], p.shape[1]) if layout == "out_in" else (p.shape[1], p.shape[0])
+    return layout, int(in_f), int(out_f)
+
+
+def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses: list[Use], two_d_leaves: list[str],
+          attention: set[str], by_parameter: bool) -> Site:
+    """The site for weight `name`: its kind, layout, sizes, adapted row blocks, and where LoRA lives."""
+    owner, leaf = _owner(name)
+    p = gm.get_parameter(name)
+    cap = getattr(gm, "capture_info", None)
+    module = cap.source.get_submodule(owner) if cap is not None and cap.source is not None and owner else None
+    layout, in_f, out_f = _layout(kind, p, uses, module)
+    if kind != "linear" and key in spec.blocks and spec.blocks[key] is not True:
+        raise ConfigError(f"fused-block specs split the rows of linear weights; {name} is a {kind} weight: "
+                          f"target it by name instead")
     blocks, fused = parse_blocks(spec.blocks.get(key), out_f, name)
     # LoRA lives on the module for its `.weight` (PEFT's place); a module's other 2-D parameters
     # (nn.MultiheadAttention's in_proj_weight next to out_proj) get a holder of their own
     holder = owner if (leaf == "weight" or two_d_leaves == [leaf]) else f"{owner}.{leaf}_lora".lstrip(".")
-    return Site(name, owner, holder, layout, int(in_f), int(out_f), blocks, fused)
+    parent, child = _owner(owner)
+    file_holder = ""
+    if child == "out_proj" and parent in attention:
+        # PEFT adapts an nn.MultiheadAttention as a whole: out_proj belongs to the attention's
+        # target, and PEFT's files spell its LoRA under base_layer
+        owner, file_holder = parent, f"{parent}.base_layer.out_proj"
+    return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
+                shape=tuple(p.shape), by_parameter=by_parameter)
 
 
 def match_weights(
@@ -301,37 +415,42 @@ def match_weights(
     for name, p in gm.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(p), []).append(name)
     get_attrs = _get_attrs(gm.graph)
-    two_d: dict[str, list[str]] = {}  # owner path -> its 2-D parameter leaves
+    two_d: dict[str, list[str]] = {}  # owner path -> its matrix-like (2-D and up) parameter leaves
     for name, p in gm.named_parameters(remove_duplicate=False):
-        if p.dim() == 2:
+        if p.dim() >= 2 and not _is_bias(_owner(name)[1]):
             two_d.setdefault(_owner(name)[0], []).append(_owner(name)[1])
 
+    cap = getattr(gm, "capture_info", None)
+    attention = attention_paths(cap.source if cap is not None else None)
     matches: list[Match] = []
     near: list[NearMiss] = []
     named: set[str] = set()  # spec entries that name some parameter
     adapted: set[str] = set()  # spec entries that adapt some weight
     for names in names_by_param.values():
         for name in names:
-            key = _key(spec, name, exclude)
+            by_parameter = spec.parameter(name)
+            key = by_parameter or _key(spec, name, exclude, attention)
             if key is None:
                 continue
             named.add(key)
             uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
-            refusal = _refusal(spec, name, gm.get_parameter(name), uses, tables)
-            if refusal is not None:
-                if not refusal.quiet:
-                    near.append(NearMiss(key, name, refusal.reason))
+            kind = _kind(spec, name, gm.get_parameter(name), uses, tables, by_parameter is not None)
+            if isinstance(kind, Refusal):
+                if not kind.quiet:
+                    near.append(NearMiss(key, name, kind.reason))
                 continue
-            if tables:
+            if tables and kind == "linear":
                 near.append(NearMiss(key, name, f"is also read as a table by {tables[0].target}; that read is left unadapted"))
-            matches.append(Match(_site(gm, spec, key, name, uses, two_d.get(_owner(name)[0], [])), uses, left_alone))
+            uses = kind_uses(kind, uses, tables, [n for alias in names for n in get_attrs.get(alias, [])])
+            site = _site(gm, spec, key, name, kind, uses, two_d.get(_owner(name)[0], []), attention, by_parameter is not None)
+            matches.append(Match(site, uses, left_alone))
             adapted.add(key)
             break  # one site per parameter, under the first of its names that matched
 
     near += [NearMiss(key, None, "matches no module path") for key in spec.keys() if key not in named]
     if not matches:
         raise TargetError(no_match_message(gm, spec, near))
-    refused = [k for k in named if k not in adapted and k in spec.names + list(spec.blocks)]
+    refused = [k for k in named if k not in adapted and k in spec.names + list(spec.blocks) + spec.parameters]
     if refused:
         why = "; ".join(str(n) for n in near if n.target in refused)
         raise TargetError(f"targets {refused} match only weights that LoRA cannot adapt: {why}. Remove them from targets.")

@@ -2,11 +2,13 @@
 
 For a product y = x @ W0.T (+ b), the graph becomes
     y = linear(x, W0, b) + linear(scale * linear(dropout(x), lora_A), lora_B)
-which trains only A and B and never materializes a weight-sized tensor. `scale` is a buffer holding
+which trains only A and B and never materializes a weight-sized tensor. A convolution gets PEFT's
+conv_A / 1x1 conv_B branch, an embedding lookup a lookup in lora_A.T followed by lora_B. `scale` is a buffer holding
 alpha / rank for each rank row: it makes switching adapters (of any rank, or several summed) an
 in-place update with no change to the graph. Where W0 is consumed by an op that is not a product with
 an activation (a split, a custom op), the weight itself is adapted: W0 + (B * scale) @ A, transposed
-for [in, out] weights. Every node added carries `meta["lora_fx"]`, which is how fold and re-layout
+for [in, out] weights, reshaped for a grouped convolution's weight, batched (bmm) for a stack of
+MoE experts: exact whatever the consumer computes with it. Every node added carries `meta["lora_fx"]`, which is how fold and re-layout
 find them.
 """
 from __future__ import annotations
@@ -66,18 +68,50 @@ def _branch(b: _Builder, site: Site, slot: str, x: torch.fx.Node, dropout: bool)
     return total
 
 
+def _conv_branch(b: _Builder, site: Site, slot: str, use, dropout: bool) -> torch.fx.Node:
+    """PEFT's conv branch: conv_B(scale * conv_A(dropout(x))), conv_A with the layer's kernel,
+    stride, padding and dilation and `rank` output channels, conv_B a 1x1 conv."""
+    x = use.x
+    if dropout:
+        x = b.module(dropout_path(site, slot), x)
+    spatial = len(site.shape) - 2
+    scale = b.call(aten.view.default, b.get_attr(scale_path(site, slot)), [-1] + [1] * spatial)
+    a = b.get_attr(weight_path(site, LORA_A, slot, 0))
+    h = b.call(use.node.target, x, a, None, *use.node.args[3:])
+    h = b.call(aten.mul.Tensor, h, scale)
+    one_by_one = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[spatial]
+    return b.call(one_by_one, h, b.get_attr(weight_path(site, LORA_B, slot, 0)))
+
+
+def _embedding_branch(b: _Builder, site: Site, slot: str, use) -> torch.fx.Node:
+    """PEFT's embedding branch: B @ (scale * A.T[ids]), the lookup with the layer's padding_idx (no
+    dropout, as PEFT)."""
+    a_t = b.call(aten.t.default, b.get_attr(weight_path(site, LORA_A, slot, 0)))
+    h = b.call(aten.embedding.default, a_t, use.x, *use.node.args[2:3])
+    h = b.call(aten.mul.Tensor, h, b.get_attr(scale_path(site, slot)))
+    return b.call(aten.linear.default, h, b.get_attr(weight_path(site, LORA_B, slot, 0)))
+
+
 def _weight_delta(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
-    """(B * scale) @ A as a weight in W0's own layout."""
+    """(B * scale) @ A as a weight in W0's own layout and shape (one bmm for a stack of experts)."""
     scale = b.get_attr(scale_path(site, slot))
     total = None
     for block in site.blocks:
         a = b.get_attr(weight_path(site, LORA_A, slot, block.index))
-        bs = b.call(aten.mul.Tensor, b.get_attr(weight_path(site, LORA_B, slot, block.index)), scale)
-        h = b.call(aten.mm.default, bs, a)
+        lora_b = b.get_attr(weight_path(site, LORA_B, slot, block.index))
+        if site.kind == "conv":  # [r, in/groups, *k] and [out, r, 1, ...] as matrices
+            a = b.call(aten.view.default, a, [-1, site.in_features])
+            lora_b = b.call(aten.view.default, lora_b, [site.out_features, -1])
+        bs = b.call(aten.mul.Tensor, lora_b, scale)
+        h = b.call(aten.bmm.default if site.kind == "experts" else aten.mm.default, bs, a)
         if site.fused:
             h = b.call(aten.constant_pad_nd.default, h, [0, 0, block.start, site.out_features - block.stop])
         total = h if total is None else b.call(aten.add.Tensor, total, h)
-    return b.call(aten.t.default, total) if site.layout == "in_out" else total
+    if site.layout == "in_out":
+        total = b.call(aten.transpose.int, total, -2, -1)
+    if site.kind == "conv":
+        total = b.call(aten.view.default, total, list(site.shape))
+    return total
 
 
 def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropout: set[str]) -> Counter:
@@ -96,7 +130,12 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
                 counts["weight"] += 1
                 continue
             b = _Builder(graph, use.node, tag)
-            delta = _branch(b, site, slot, use.x, site.param in dropout)
+            if use.kind == "conv":
+                delta = _conv_branch(b, site, slot, use, site.param in dropout)
+            elif use.kind == "embedding":
+                delta = _embedding_branch(b, site, slot, use)
+            else:
+                delta = _branch(b, site, slot, use.x, site.param in dropout)
             out = b.call(aten.add.Tensor, use.node, delta, role="combine")
             use.node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
             counts[use.kind] += 1

@@ -26,11 +26,21 @@ from .paths import resolve, set_module
 from .state import Adapter, LoraState, Site, Weights
 
 LORA_A, LORA_B = "lora_A", "lora_B"
+EMBEDDING = {LORA_A: "lora_embedding_A", LORA_B: "lora_embedding_B"}  # PEFT's names on nn.Embedding
 FILE_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
 _MODULE_NAME = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
 _FILE_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])(?:\.block(?P<block>\d+))?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<holder>.+)\.lora_embedding_(?P<which>[AB])$")
 _SCALE_NAME = re.compile(r"^(?P<holder>.+)\.lora_scaling\.(?P<slot>[^.]+)\.scale$")
+
+
+class LoraWeight(nn.Module):
+    """A LoRA factor that is not an nn.Linear's weight (conv, embedding, experts): one `weight`."""
+
+    def __init__(self, shape: tuple[int, ...], device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
 
 
 class LoraScaling(nn.Module):
@@ -65,15 +75,20 @@ class LoraName:
     which: str  # LORA_A or LORA_B
     slot: str | None  # the adapter / slot name (None in PEFT's files, which hold one adapter)
     block: int | None  # block of a fused projection, None for a whole weight
+    embedding: bool = False  # PEFT's embedding spelling: `<holder>.lora_embedding_A`, no `.weight`
 
     @property
     def slot_free(self) -> str:
-        """The name without the slot: `<holder>.lora_A[.block<i>].weight` (PEFT's file keys, unprefixed)."""
+        """The name without the slot: `<holder>.lora_A[.block<i>].weight`, or for an embedding in a
+        file `<holder>.lora_embedding_A` (PEFT's file keys, unprefixed)."""
+        if self.embedding:
+            return f"{self.holder}.{EMBEDDING[self.which]}"
         return f"{self.holder}.{self.which}{'' if self.block is None else f'.block{self.block}'}.weight"
 
-    def matches(self, site: Site) -> bool:
-        """Whether this weight belongs to `site` (its holder, fused or not, one of its blocks)."""
-        if self.holder != site.holder or (self.block is None) == site.fused:
+    def matches(self, site: Site, holder: str) -> bool:
+        """Whether this file weight belongs to `site`, whose file holder is `holder` (fused or not,
+        one of its blocks)."""
+        if self.holder != holder or (self.block is None) == site.fused:
             return False
         return (self.block or 0) in {b.index for b in site.blocks}
 
@@ -97,12 +112,52 @@ def parse_slot_free(name: str) -> LoraName | None:
 def parse_file_key(key: str) -> LoraName | None:
     """A PEFT file key (`base_model.model.<holder>.lora_A.weight`) taken apart, or None for a key
     that is not a LoRA weight (a modules_to_save weight)."""
-    return parse_slot_free(key[len(FILE_PREFIX):]) if key.startswith(FILE_PREFIX) else None
+    if not key.startswith(FILE_PREFIX):
+        return None
+    m = _EMBEDDING_KEY.match(key[len(FILE_PREFIX):])
+    if m is not None:
+        return LoraName(m["holder"], f"lora_{m['which']}", None, None, embedding=True)
+    return parse_slot_free(key[len(FILE_PREFIX):])
 
 
-def file_key(site: Site, which: str, block_index: int) -> str:
-    """The key PEFT's files use for one LoRA weight of `site`."""
-    return FILE_PREFIX + LoraName(site.holder, which, None, block_index if site.fused else None).slot_free
+def file_holders(sites: list[Site]) -> dict[str, str]:
+    """The holder PEFT's files spell for each site's LoRA (by weight name). PEFT wraps a module once
+    per targeted parameter, the first registered innermost, so with k parameters of one module
+    targeted the i-th one's LoRA sits under `base_layer` k-1-i times."""
+    out = {s.param: s.file_path for s in sites}
+    by_owner: dict[str, list[Site]] = {}
+    for s in sites:
+        if s.by_parameter:
+            by_owner.setdefault(s.param.rpartition(".")[0], []).append(s)
+    for owner, group in by_owner.items():
+        for i, s in enumerate(group):  # sites come in the module's registration order
+            out[s.param] = owner + ".base_layer" * (len(group) - 1 - i)
+    return out
+
+
+def file_name(site: Site, holder: str, which: str, block_index: int) -> LoraName:
+    """The name of one LoRA weight of `site` in PEFT's files (`holder` from `file_holders`)."""
+    return LoraName(holder, which, None, block_index if site.fused else None, embedding=site.kind == "embedding")
+
+
+def to_file(site: Site, which: str, t: torch.Tensor) -> torch.Tensor:
+    """A LoRA factor in PEFT's file layout. Experts: lora_A [E*r, in] expert-major (row e*r + k),
+    lora_B [out, r*E] expert-minor (column k*E + e), as PEFT's ParamWrapper stores them."""
+    if site.kind != "experts":
+        return t
+    if which == LORA_A:
+        return t.reshape(-1, t.shape[-1])
+    return t.permute(1, 2, 0).reshape(t.shape[1], -1)
+
+
+def from_file(site: Site, which: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_file`: a factor from PEFT's file in the slot's layout."""
+    if site.kind != "experts" or t.dim() != 2:
+        return t
+    e = site.experts
+    if which == LORA_A:
+        return t.reshape(e, -1, t.shape[-1])
+    return t.reshape(t.shape[0], -1, e).permute(2, 0, 1).contiguous()
 
 
 def scale_slot_free(holder: str) -> str:
@@ -185,8 +240,12 @@ def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, lik
         nn.init.zeros_(m.weight)
         return m
 
-    a_mods = {f"block{b.index}": zero_linear(site.in_features, rank) for b in site.blocks}
-    b_mods = {f"block{b.index}": zero_linear(rank, b.stop - b.start) for b in site.blocks}
+    if site.kind == "linear":  # PEFT's nn.Linear pair
+        a_mods = {f"block{b.index}": zero_linear(site.in_features, rank) for b in site.blocks}
+        b_mods = {f"block{b.index}": zero_linear(rank, b.stop - b.start) for b in site.blocks}
+    else:
+        a_mods = {"block0": LoraWeight(site.a_shape(rank), like.device, like.dtype)}
+        b_mods = {"block0": LoraWeight(site.b_shape(site.out_features, rank), like.device, like.dtype)}
     holder(LORA_A)[slot] = nn.ModuleDict(a_mods) if site.fused else a_mods["block0"]
     holder(LORA_B)[slot] = nn.ModuleDict(b_mods) if site.fused else b_mods["block0"]
     holder("lora_scaling")[slot] = LoraScaling(rank, device=like.device, dtype=like.dtype)
@@ -223,10 +282,11 @@ def read(gm: nn.Module, state: LoraState, name: str) -> Weights:
         return adapter.weights
     out = {}
     for param, site in state.sites.items():
+        da, db = site.rank_dims
         for owner, offset in placement(state, param, state.active):
             if owner is adapter:
                 r = adapter.ranks[param]
-                out[param] = [(a[offset:offset + r].detach().clone(), b[:, offset:offset + r].detach().clone())
+                out[param] = [(a.detach().narrow(da, offset, r).clone(), b.detach().narrow(db, offset, r).clone())
                               for a, b in tensors(gm, site, state.slot)[1]]
     return out
 
@@ -248,11 +308,12 @@ def fill(gm: nn.Module, state: LoraState) -> None:
                 a_slot.zero_()
                 b_slot.zero_()
             placed = placement(state, param, state.active)
+            da, db = site.rank_dims
             for adapter, offset in placed:
                 r = adapter.ranks[param]
                 for (a_slot, b_slot), (a, b) in zip(slots, adapter.weights[param]):
-                    a_slot[offset:offset + r].copy_(a)
-                    b_slot[:, offset:offset + r].copy_(b)
+                    a_slot.narrow(da, offset, r).copy_(a)
+                    b_slot.narrow(db, offset, r).copy_(b)
                 scale[offset:offset + r] = adapter.scaling(param)
             drop = resolve(gm, dropout_path(site, state.slot))
             if drop is not None and placed:

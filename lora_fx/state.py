@@ -6,6 +6,7 @@ The graph's LoRA parameters (the *slots*) are owned by `lora_fx.slot`; this modu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,20 +30,69 @@ class Block:
 
 @dataclass(frozen=True)
 class Site:
-    """One adapted weight."""
+    """One adapted weight.
+
+    Every kind of weight is adapted as a matrix W0 [out, in] (batched over experts) plus
+    scaling * B @ A; `kind` says how that matrix sits in the weight and how LoRA's factors are
+    stored (PEFT's layouts):
+        linear     W [out, in] or [in, out] (layout)     A [r, in]           B [out, r]
+        conv       W [out, in/groups, *kernel]           A [r, in/groups, *kernel]  B [out, r, 1, ...]
+        embedding  W [num, dim]: in = num, out = dim     A [r, num]          B [dim, r]
+        experts    W [E, out, in] or [E, in, out]        A [E, r, in]        B [E, out, r]
+    """
 
     param: str  # the weight's name in the graph module (its get_attr target)
     owner: str  # the module path the target matched
     holder: str  # the module path where lora_A / lora_B live
-    layout: str  # "out_in" (nn.Linear, F.linear) or "in_out" (GPT-2 Conv1D)
+    layout: str  # "out_in" (nn.Linear, F.linear) or "in_out" (GPT-2 Conv1D, an embedding, gpt-oss experts)
     in_features: int
     out_features: int
     blocks: tuple[Block, ...]  # rows that get an update
     fused: bool  # blocks come from a fused-projection spec (named per block)
+    file_holder: str = ""  # the holder as PEFT's files spell it, when not `holder` (nn.MultiheadAttention's out_proj)
+    kind: str = "linear"  # "linear" | "conv" | "embedding" | "experts"
+    shape: tuple[int, ...] = ()  # the weight's shape
+    by_parameter: bool = False  # named by parameter path (PEFT's target_parameters), not by module
 
-    def max_rank(self) -> int:
-        """The largest rank a LoRA update of this weight can have: min(in, rows) over blocks."""
-        return min(min(self.in_features, b.stop - b.start) for b in self.blocks)
+    @property
+    def file_path(self) -> str:
+        return self.file_holder or self.holder
+
+    @property
+    def experts(self) -> int:
+        """Experts stacked in the weight (0 for one matrix)."""
+        return self.shape[0] if self.kind == "experts" else 0
+
+    @property
+    def rank_dims(self) -> tuple[int, int]:
+        """The dimension of A and of B that holds the rank."""
+        return (1, 2) if self.kind == "experts" else (0, 1)
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (rank, *self.shape[1:])
+        if self.kind == "experts":
+            return (self.experts, rank, self.in_features)
+        return (rank, self.in_features)
+
+    def b_shape(self, rows: int, rank: int) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (rows, rank, *(1,) * (len(self.shape) - 2))
+        if self.kind == "experts":
+            return (self.experts, rows, rank)
+        return (rows, rank)
+
+    def as_matrix(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as matrices (batched over experts): [.., r, in] and [.., out, r]."""
+        if self.kind == "conv":
+            return a.flatten(1), b.flatten(1)
+        return a, b
+
+    def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """A matrix update [.., out, in] in the weight's own shape."""
+        if self.layout == "in_out":
+            delta = delta.transpose(-1, -2)
+        return delta.reshape(self.shape) if self.kind == "conv" else delta
 
 
 @dataclass(frozen=True)
@@ -57,6 +107,8 @@ class LoraConfig:
     trainable: tuple[str, ...] = ()
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: tuple[str, ...] | None = None  # PEFT's target_parameters (MoE expert stacks, ...)
+    use_rslora: bool = False  # scaling = alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
 
 
 @dataclass
@@ -69,8 +121,9 @@ class Adapter:
     weights: Weights | None
 
     def scaling(self, param: str) -> float:
-        """alpha / rank of this adapter on one site (the paper's scaling)."""
-        return self.alphas[param] / self.ranks[param]
+        """alpha / rank of this adapter on one site (the paper's scaling; alpha / sqrt(rank) with rsLoRA)."""
+        r = self.ranks[param]
+        return self.alphas[param] / (math.sqrt(r) if self.config.use_rslora else r)
 
 
 @dataclass

@@ -220,7 +220,14 @@ def _rewrite_config(d, **changes):
     ("no_config", "has no adapter_config.json"),
     ("bad_json", "not valid JSON"),
     ("hostile", "cannot tell are harmless"),
-    ("dora", "use_dora=True is not supported"),
+    ("dora", r"use_dora=True \(DoRA, a PEFT variant lora-fx does not implement\) is not supported"),
+    ("kasa", r"kasa_config=.* \(KaSA, a PEFT variant"),
+    ("velora", r"velora_config=.* \(VeLoRA, a PEFT variant"),
+    ("monteclora", r"monteclora_config=.* \(MonteCLoRA, a PEFT variant"),
+    ("bdlora", r"use_bdlora=.* \(BD-LoRA, a PEFT variant"),
+    ("trainable_tokens", r"trainable_token_indices=.* \(trainable tokens, a PEFT variant"),
+    ("mica", r"init_lora_weights='mica' makes MiCA"),
+    ("magnitude_key", r"lora_magnitude_vector weight of a LoRA variant lora-fx does not implement"),
     ("rank", "r must be a positive int"),
     ("missing_key", "missing LoRA weights"),
     ("extra_key", "unexpected keys"),
@@ -249,6 +256,19 @@ def test_bad_adapter_files_leave_the_graph_alone(saved, breakage, message):
         _rewrite_config(d, __class__="os.system", eval_code="rm -rf /")
     elif breakage == "dora":
         _rewrite_config(d, use_dora=True)
+    elif breakage in ("kasa", "velora", "monteclora"):  # what PEFT writes for these variants
+        _rewrite_config(d, **{f"{breakage}_config": {"r": 4}})
+    elif breakage == "bdlora":
+        _rewrite_config(d, use_bdlora={"target_modules_bd_a": ["q_proj"]})
+    elif breakage == "trainable_tokens":
+        _rewrite_config(d, trainable_token_indices=[1, 2])
+    elif breakage == "mica":
+        _rewrite_config(d, init_lora_weights="mica")
+    elif breakage == "magnitude_key":  # a DoRA file whose config lost use_dora
+        t = load_file(weights)
+        holder = next(iter(t)).rsplit(".lora_A.", 1)[0]
+        t[holder + ".lora_magnitude_vector"] = torch.ones(32)
+        save_file(t, weights)
     elif breakage == "rank":
         _rewrite_config(d, r="4; import os")
     elif breakage in ("missing_key", "extra_key"):

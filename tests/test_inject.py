@@ -55,8 +55,8 @@ def test_some_targets_missing_is_a_near_miss(base):
 
 
 @pytest.mark.parametrize("targets, message", [
-    (["input_layernorm"], r"1-D .*LoRA adapts 2-D weights"),
-    (["embed_tokens"], r"read as a table by aten.embedding"),
+    (["input_layernorm"], r"1-D \(32,\), a vector .*LoRA adapts matrices"),
+    (["rotary_emb"], r"matches no module path"),
 ])
 def test_weights_not_consumed_by_linear_ops_are_refused(llama, base, targets, message):
     snap = snapshot(llama)
@@ -69,7 +69,6 @@ def test_weights_not_consumed_by_linear_ops_are_refused(llama, base, targets, me
     (dict(rank=0), "rank must be a positive int"),
     (dict(rank=2.0), "rank must be a positive int"),
     (dict(rank=True), "rank must be a positive int"),
-    (dict(rank=33), r"rank 33 is larger than min\(in=32, out=32\) = 32"),
     (dict(alpha=0), "alpha must be a positive number"),
     (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
     (dict(dropout=-0.1), r"dropout must be a probability in \[0, 1\)"),
