@@ -120,7 +120,7 @@ def adapter_tensors(adapter, name: str | None = None) -> tuple[dict[str, torch.T
         if file.modules:
             raise ExportError(f"{adapter} holds full module weights ({sorted(file.modules)[0]}); a served adapter "
                               "can hold LoRA weights only")
-    return {n.slot_free: t for n, t in file.lora.items()}, dict(file.scalings)
+    return {n.module_name: t for n, t in file.lora.items()}, dict(file.scalings)
 
 
 def export_adapter(adapter, path, model, name: str | None = None) -> Path:

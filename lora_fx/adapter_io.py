@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,8 @@ class AdapterFile:
     lora: dict[slot.LoraName, torch.Tensor]  # LoRA weights, by name (no slot)
     modules: dict[str, torch.Tensor]  # fully trained modules' weights (modules_to_save), by parameter name
     scalings: dict[str, float]  # holder module -> the scaling its update is multiplied by
+    # PEFT's copies of adapted embedding layers' base weights (save_embedding_layers), by parameter name
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What adapter_model.safetensors holds: everything under PEFT's keys."""
@@ -228,13 +230,16 @@ def read_adapter(directory) -> AdapterFile:
             f"{config_path} does not match {weights}: they were written by different saves (a save "
             "interrupted between the two files, or r / lora_alpha / targets edited by hand); save again"
         )
-    lora, modules = {}, {}
+    lora, modules, base = {}, {}, {}
     for key, t in tensors.items():
         if not key.startswith(slot.FILE_PREFIX):
             raise AdapterFileError(f"unexpected key {key!r} in {weights}: PEFT keys start with {slot.FILE_PREFIX!r}")
         if not t.is_floating_point():
             raise AdapterFileError(f"{key} in {weights} has dtype {t.dtype}; adapter weights are floating point")
         name = slot.parse_file_key(key)
+        if name is None and key.endswith(".base_layer.weight"):  # PEFT saved the embedding it adapted
+            base[key[len(slot.FILE_PREFIX):-len(".base_layer.weight")] + ".weight"] = t
+            continue
         if name is None:
             variant = next((part for part in key.split(".") if part.startswith("lora_")), None)
             if variant is not None:  # e.g. DoRA's lora_magnitude_vector, or a lora_B.bias
@@ -249,7 +254,7 @@ def read_adapter(directory) -> AdapterFile:
             r = pattern_value(config["rank_pattern"], name.holder, config["r"])
             alpha = pattern_value(config["alpha_pattern"], name.holder, config["lora_alpha"])
             scalings[name.holder] = alpha / (math.sqrt(r) if config["use_rslora"] else r)
-    return AdapterFile(config, lora, modules, scalings)
+    return AdapterFile(config, lora, modules, scalings, base)
 
 
 def validate_config(config: dict, where) -> dict:
@@ -365,6 +370,7 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     else:
         base = graph_to_adapt(gm_or_model, example_inputs)
         exclude = output_layer(base.capture_info.source)
+    _check_base_copies(base, file.base, directory)
     try:
         matches, near = match_weights(base, parse_targets(file.targets(), file.config["target_parameters"]),
                                       exclude=exclude)
@@ -378,6 +384,20 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     gm = inject_matched(base, matches, near, adapter, file.config["modules_to_save"], exclude)
     _load_trainable(gm, file.modules, directory)
     return gm
+
+
+def _check_base_copies(base: nn.Module, copies: dict[str, torch.Tensor], directory) -> None:
+    """PEFT saves the base weights of the embeddings it adapts (save_embedding_layers); they must be
+    this model's own: lora-fx adapts the model's weights and never replaces them."""
+    params = dict(base.named_parameters())
+    for name, t in copies.items():
+        mine = params.get(name)
+        if mine is None or mine.shape != t.shape or not torch.equal(t.to(mine.dtype), mine.detach().cpu()):
+            raise AdapterFileError(
+                f"{directory} carries its own {name} ({tuple(t.shape)}), which is not this model's "
+                f"({tuple(mine.shape) if mine is not None else 'absent'}): a resized vocabulary, or another base model? "
+                "Load the base model the adapter was trained on"
+            )
 
 
 def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file: AdapterFile, directory):

@@ -62,6 +62,7 @@ class MixedLora(nn.Module):
     def __init__(self, site: Site, banks_a: list[torch.Tensor], banks_b: list[torch.Tensor], scale: torch.Tensor):
         super().__init__()
         self.out_features, self.fused = site.out_features, site.fused
+        self.lookup = site.kind == "embedding"  # x holds token ids: rows of A.T are looked up
         self.blocks = [(str(b.index) if site.fused else "", b.start, b.stop) for b in site.blocks]
         for (i, _, _), a, b in zip(self.blocks, banks_a, banks_b):
             self.register_buffer(f"A{i}", a)  # [adapters + 1, rank, in]
@@ -70,11 +71,17 @@ class MixedLora(nn.Module):
 
     def forward(self, x, index, base):
         rows = index.shape[0]
-        xb = x.reshape(rows, -1, x.shape[-1])
+        xb = x if self.lookup else x.reshape(rows, -1, x.shape[-1])
         scale = self.scale[index].unsqueeze(1)
         total = None
+        if self.lookup:
+            ids = x.reshape(rows, -1)
         for i, start, stop in self.blocks:
-            a = torch.bmm(xb, getattr(self, f"A{i}")[index].transpose(1, 2)) * scale
+            if self.lookup:  # row r, token t: A.T[ids[r, t]] of row r's adapter
+                a_t = getattr(self, f"A{i}")[index].transpose(1, 2)
+                a = a_t[torch.arange(rows, device=ids.device).unsqueeze(1), ids] * scale
+            else:
+                a = torch.bmm(xb, getattr(self, f"A{i}")[index].transpose(1, 2)) * scale
             d = torch.bmm(a, getattr(self, f"B{i}")[index].transpose(1, 2))
             if self.fused:
                 d = torch.nn.functional.pad(d, (start, self.out_features - stop))
@@ -102,8 +109,11 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     graph = mixed.graph
     sites = list(state.sites.values())
     matches = rematch(mixed, sites)
-    if any(u.kind == "weight" for m in matches for u in m.uses):
-        raise ConfigError("mixed batches need every adapted weight to be used in a product with an activation")
+    refused = [m.site.param for m in matches for u in m.uses if u.kind not in ("linear", "addmm", "matmul", "embedding")]
+    if refused:
+        raise ConfigError(f"mixed batches need every adapted weight to be used in a product with an activation or "
+                          f"an embedding lookup; {refused[0]} is not (a convolution, an expert stack, or a weight "
+                          "adapted as W + scaling*B@A). Serve one adapter per session, or fold")
 
     placeholders = graph.find_nodes(op="placeholder")
     with graph.inserting_after(placeholders[-1]):

@@ -74,13 +74,19 @@ def _conv_branch(b: _Builder, site: Site, slot: str, use, dropout: bool) -> torc
     x = use.x
     if dropout:
         x = b.module(dropout_path(site, slot), x)
-    spatial = len(site.shape) - 2
-    scale = b.call(aten.view.default, b.get_attr(scale_path(site, slot)), [-1] + [1] * spatial)
+    n = len(site.shape) - 2
+    scale = b.call(aten.view.default, b.get_attr(scale_path(site, slot)), [-1] + [1] * n)
     a = b.get_attr(weight_path(site, LORA_A, slot, 0))
-    h = b.call(use.node.target, x, a, None, *use.node.args[3:])
+    args = list(use.node.args[3:6])
+    if isinstance(args[1] if len(args) > 1 else None, str):  # padding="same" / "valid": the layer's own op
+        h = b.call(use.node.target, x, a, None, *args)
+    else:  # aten.convolution with every argument spelled (torch's ONNX exporter mis-sizes an absent conv3d bias)
+        stride, padding, dilation = (args + [None] * 3)[:3]
+        h = b.call(aten.convolution.default, x, a, None, stride or [1] * n, padding or [0] * n, dilation or [1] * n,
+                   False, [0] * n, 1)
     h = b.call(aten.mul.Tensor, h, scale)
-    one_by_one = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[spatial]
-    return b.call(one_by_one, h, b.get_attr(weight_path(site, LORA_B, slot, 0)))
+    lora_b = b.get_attr(weight_path(site, LORA_B, slot, 0))
+    return b.call(aten.convolution.default, h, lora_b, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1)
 
 
 def _embedding_branch(b: _Builder, site: Site, slot: str, use) -> torch.fx.Node:

@@ -83,6 +83,12 @@ class LoraName:
         file `<holder>.lora_embedding_A` (PEFT's file keys, unprefixed)."""
         if self.embedding:
             return f"{self.holder}.{EMBEDDING[self.which]}"
+        return self.module_name
+
+    @property
+    def module_name(self) -> str:
+        """The slot-free name as a graph module spells it (`<holder>.lora_A[.block<i>].weight`, an
+        embedding's too): what a multi-adapter export calls the weight."""
         return f"{self.holder}.{self.which}{'' if self.block is None else f'.block{self.block}'}.weight"
 
     def matches(self, site: Site, holder: str) -> bool:

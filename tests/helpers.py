@@ -115,7 +115,8 @@ class Built:
         self._cache: dict = {}
 
     def inject(self, **kw):
-        return lora_fx.inject_lora(self.base, self.case.targets, rank=4, alpha=8, trainable=self.case.trainable, **kw)
+        return lora_fx.inject_lora(self.base, self.case.targets, rank=4, alpha=8, trainable=self.case.trainable,
+                                   target_parameters=self.case.parameters, **kw)
 
     def random_b(self):
         """An injected graph with random A and B (built once; tests must not change it)."""

@@ -31,6 +31,32 @@ class HandWritten(nn.Module):
         return self.head(h.mean(1))
 
 
+class ConvNet(nn.Module):
+    """A ResNet-style block and every other conv: strided 5x5, dilated, grouped, padding="same",
+    1x1, Conv1d and Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 5, stride=2, padding=2)
+        self.dilated = nn.Conv2d(16, 16, 3, padding=2, dilation=2)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.same = nn.Conv2d(16, 16, 3, padding="same", bias=False)
+        self.point = nn.Conv2d(16, 8, 1)
+        self.seq = nn.Conv1d(8, 8, 3, stride=2)
+        self.vol = nn.Conv3d(1, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, pixel_values):
+        h = F.relu(self.stem(pixel_values))
+        h = h + self.drop(F.relu(self.dilated(h)))  # the residual block
+        h = h + self.grouped(h)
+        h = self.point(F.relu(self.same(h)))
+        s = self.seq(h.mean(2))
+        v = self.vol(h[:, :1].unsqueeze(1))
+        return self.head(torch.cat([s.mean(-1), v.mean((2, 3, 4))], -1))
+
+
 @dataclass
 class Case:
     name: str
@@ -42,6 +68,8 @@ class Case:
     has_dropout: bool = True
     expect: dict = field(default_factory=dict)  # rewritten-use counters the pass must report
     causal: bool = False  # a decoder-only causal LM: generates with a KV cache
+    parameters: tuple | None = None  # target_parameters (MoE expert stacks)
+    onnx: bool = True  # torch's ONNX exporter handles the model
 
     def batch(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -128,4 +156,35 @@ CASES = [
     # O(1) against W + s*B@A (peft 0.21.2, measured), so this row is checked against the definition only.
     Case("mha", _mha, ["self_attn"], inputs="sequence", expect={"linear": 4}),
     Case("hand-written", HandWritten, ["w_in", "w_out"], trainable=("head",), expect={"linear": 2}),
+    # convolutions: PEFT's conv branch where the conv is not grouped; a grouped conv's weight gets
+    # the update (PEFT's grouped LoRA is another function, which it cannot merge); PEFT drops a
+    # conv's dilation from its lora_A (a PEFT bug), so PEFT's own row leaves the dilated conv out
+    Case("conv", ConvNet, ["stem", "dilated", "grouped", "same", "point", "seq", "vol"], inputs="pixels",
+         expect={"conv": 6, "weight": 1}),
+    Case("conv-peft", ConvNet, ["stem", "same", "point", "seq", "vol"], inputs="pixels",
+         peft=dict(target_modules=["stem", "same", "point", "seq", "vol"]), expect={"conv": 5}),
+    Case("llama-embedding", _hf("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2, attention_dropout=0.1,
+                                tie_word_embeddings=False, **_decoder),
+         ["embed_tokens", "v_proj"], peft=dict(target_modules=["embed_tokens", "v_proj"]),
+         expect={"embedding": 1, "linear": 2}, causal=True),
+    # MoE experts (transformers 5: 3-D stacks): Mixtral through the default grouped-mm op, which
+    # torch's ONNX exporter cannot translate; Qwen3-MoE and gpt-oss ([E, in, out] storage, bias
+    # stacks) through "batched_mm" (index + bmm), which exports
+    Case("mixtral", _hf("MixtralForCausalLM", "MixtralConfig", num_key_value_heads=2, num_local_experts=4,
+                        num_experts_per_tok=2, **_decoder),
+         ["q_proj"], parameters=("experts.gate_up_proj", "experts.down_proj"),
+         peft=dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+         expect={"linear": 2, "weight": 4}, has_dropout=False, onnx=False),
+    Case("qwen3-moe", _hf("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_key_value_heads=2, num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=H, decoder_sparse_step=1, mlp_only_layers=[],
+                          experts_implementation="batched_mm", **_decoder),
+         None, parameters=("gate_up_proj", "down_proj"),
+         peft=dict(target_modules=[], target_parameters=["gate_up_proj", "down_proj"]),
+         expect={"weight": 4}, has_dropout=False),
+    Case("gpt-oss", _hf("GptOssForCausalLM", "GptOssConfig", num_key_value_heads=2, num_local_experts=4,
+                        num_experts_per_tok=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                        experts_implementation="batched_mm", **{**_decoder, "intermediate_size": H}),
+         None, parameters=("gate_up_proj", "down_proj"),
+         peft=dict(target_modules=[], target_parameters=["gate_up_proj", "down_proj"]),
+         expect={"weight": 4}, has_dropout=False),
 ]

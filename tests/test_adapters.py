@@ -21,8 +21,11 @@ def test_ours_to_peft_and_back(built, tmp_path):
         pytest.skip("PEFT does not support these targets")
     from peft import PeftModel
 
-    first = built.case.peft["target_modules"][0]
-    for i, kw in enumerate([dict(init="gaussian"), dict(init="kaiming", rank_pattern={first: 2}, alpha_pattern={first: 3})]):
+    modules = built.case.peft["target_modules"]
+    runs = [dict(init="gaussian"), dict(init="kaiming", use_rslora=True)]
+    if modules:  # PEFT's patterns name modules
+        runs[1].update(rank_pattern={modules[0]: 2}, alpha_pattern={modules[0]: 3})
+    for i, kw in enumerate(runs):
         gm = built.inject(**kw)
         randomize_lora(gm, seed=i)
         gm.eval()
@@ -44,12 +47,14 @@ def test_peft_to_ours(built, tmp_path, init):
 
     torch.manual_seed(3)
     kw = dict(built.case.peft)
-    if init is False:
+    if init is False and kw["target_modules"]:
         kw["rank_pattern"] = {kw["target_modules"][0]: 2}
+    if init == "gaussian":
+        kw["use_rslora"] = True
     peft_model = get_peft_model(copy.deepcopy(built.model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, **kw))
-    with torch.no_grad():  # True and "gaussian" start with B = 0: make the adapter do something
+    with torch.no_grad():  # True and "gaussian" start with B = 0 (an embedding's A = 0): make the adapter do something
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name and init is not False:
+            if ("lora_B" in name or "lora_embedding_A" in name) and init is not False:
                 p.normal_(std=0.1)
     peft_model.eval()
     peft_model.save_pretrained(tmp_path / "peft")

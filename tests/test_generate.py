@@ -39,8 +39,8 @@ def test_merge_and_unload_is_the_model_class_with_the_fold(built, tmp_path):
     if hasattr(merged, "save_pretrained"):
         merged.save_pretrained(tmp_path)
         again = type(merged).from_pretrained(tmp_path).eval()
-        with torch.no_grad():
-            assert max_abs(again(**built.batch), merged(**built.batch)) == 0
+        with torch.no_grad():  # the same weights; from_pretrained may pick another MoE experts kernel (2e-7)
+            assert max_abs(again(**built.batch), merged(**built.batch)) <= 1e-6
 
 
 def test_merge_and_unload_of_a_weight_adapted_as_a_weight():
