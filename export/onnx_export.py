@@ -42,7 +42,11 @@ def output_names(gm: LoraGraphModule) -> list[str] | None:
     if spec is None:
         return None
     dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    paths, _ = pytree.tree_flatten_with_path(dummy)
+    try:
+        paths, _ = pytree.tree_flatten_with_path(dummy)
+    except ValueError:  # an output type registered without key paths (diffusers' BaseOutput): its keys, if flat
+        keys = list(dummy.keys()) if hasattr(dummy, "keys") else []
+        return [str(k) for k in keys] if len(keys) == spec.num_leaves else [f"output_{i}" for i in range(spec.num_leaves)]
     if len(paths) == 1 and not paths[0][0]:
         return ["output"]
     names = []
@@ -81,7 +85,10 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     else:
         gm, args, kwargs = _forward_inputs(module, example_inputs)
         dynamic_shapes = auto_dims(args if args else kwargs) if dynamic else None
-        names = (None if args else list(kwargs)), output_names(gm)
+        inputs, outputs = (None if args else list(kwargs)), output_names(gm)
+        if inputs and outputs:  # ONNX names are one namespace: an output named like an input (a UNet's "sample") gets "_out"
+            outputs = [f"{n}_out" if n in inputs else n for n in outputs]
+        names = inputs, outputs
     _export(gm, path, args, kwargs, dynamic_shapes, names, opset, optimize)
     if kv_cache:
         described = kv.describe(gm)

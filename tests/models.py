@@ -64,7 +64,7 @@ class Case:
     targets: Any
     peft: dict | None = None  # LoraConfig kwargs where PEFT supports the same targets
     trainable: tuple = ()
-    inputs: str = "tokens"  # "tokens" | "pixels" | "sequence"
+    inputs: str = "tokens"  # "tokens" | "pixels" | "sequence" | "latents"
     has_dropout: bool = True
     expect: dict = field(default_factory=dict)  # rewritten-use counters the pass must report
     causal: bool = False  # a decoder-only causal LM: generates with a KV cache
@@ -77,6 +77,9 @@ class Case:
             return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
         if self.inputs == "sequence":
             return {"src": torch.randn(batch, seq, H, generator=g)}
+        if self.inputs == "latents":  # a diffusion UNet's denoising step: latents, time, text states
+            return {"sample": torch.randn(batch, 4, 8, 8, generator=g), "timestep": torch.tensor(10),
+                    "encoder_hidden_states": torch.randn(batch, seq, H, generator=g)}
         params = inspect.signature(model.forward).parameters
         out = {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
         if "attention_mask" in params:
@@ -94,6 +97,15 @@ def _hf(cls_name, config_name, **kw):
         return getattr(transformers, cls_name)(config)
 
     return build
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=H,
+                                attention_head_dim=8, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def _mha():
@@ -167,6 +179,10 @@ CASES = [
                                 tie_word_embeddings=False, **_decoder),
          ["embed_tokens", "v_proj"], peft=dict(target_modules=["embed_tokens", "v_proj"]),
          expect={"embedding": 1, "linear": 2}, causal=True),
+    # a diffusion UNet (diffusers): attention projections and the resnets' convs
+    Case("unet", _unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], inputs="latents",
+         peft=dict(target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]), has_dropout=False,
+         expect={"conv": 16, "linear": 32}),
     # MoE experts (transformers 5: 3-D stacks): Mixtral through the default grouped-mm op, which
     # torch's ONNX exporter cannot translate; Qwen3-MoE and gpt-oss ([E, in, out] storage, bias
     # stacks) through "batched_mm" (index + bmm), which exports
