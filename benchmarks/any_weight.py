@@ -32,21 +32,21 @@ import sys
 if os.environ.get("LORA_FX_BENCH_SITE"):  # a private site with diffusers (see the docstring)
     sys.path.insert(0, os.environ["LORA_FX_BENCH_SITE"])
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, markdown  # noqa: E402
+from common import interleaved, markdown
 
 OUT = Path(__file__).resolve().parent / "results"
 RANK, ALPHA = 8, 16
@@ -86,10 +86,10 @@ def resnet_row():
     batch = {"pixel_values": torch.randn(2, 3, 64, 64, generator=g)}
     labels = torch.randint(0, 10, (2,), generator=g)
     targets = ["stem", "conv1", "conv2"]
-    return dict(model=ResNet(), batch=batch, targets=targets, parameters=None,
-                peft=dict(target_modules=targets), loss=lambda out: F.cross_entropy(out, labels),
-                what="ResNet-style: stride-2 stem + 3 blocks of 2 x Conv2d(64, 64, 3), GroupNorm; 2x3x64x64; "
-                     "targets every Conv2d (7)")
+    return {"model": ResNet(), "batch": batch, "targets": targets, "parameters": None,
+                "peft": {"target_modules": targets}, "loss": lambda out: F.cross_entropy(out, labels),
+                "what": "ResNet-style: stride-2 stem + 3 blocks of 2 x Conv2d(64, 64, 3), GroupNorm; 2x3x64x64; "
+                     "targets every Conv2d (7)"}
 
 
 def unet_row():
@@ -108,10 +108,10 @@ def unet_row():
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     assert not missing, f"UNet has no module named {missing}"
-    return dict(model=model, batch=batch, targets=targets, parameters=None, peft=dict(target_modules=targets),
-                loss=lambda out: F.mse_loss(out, target),
-                what="diffusers UNet2DConditionModel (block_out_channels (32, 64), 1 layer per block, cross-attn "
-                     "dim 32); sample 2x4x32x32, encoder states 2x8x32; targets to_q/k/v, to_out.0, resnet conv1/conv2")
+    return {"model": model, "batch": batch, "targets": targets, "parameters": None, "peft": {"target_modules": targets},
+                "loss": lambda out: F.mse_loss(out, target),
+                "what": "diffusers UNet2DConditionModel (block_out_channels (32, 64), 1 layer per block, cross-attn "
+                     "dim 32); sample 2x4x32x32, encoder states 2x8x32; targets to_q/k/v, to_out.0, resnet conv1/conv2"}
 
 
 def lm_loss(vocab, ids):
@@ -128,10 +128,10 @@ def embedding_row():
     model = LlamaForCausalLM(config)
     ids = torch.randint(3, 32000, (4, 64), generator=torch.Generator().manual_seed(1))
     targets = ["embed_tokens", "q_proj", "v_proj"]
-    return dict(model=model, batch={"input_ids": ids}, targets=targets, parameters=None,
-                peft=dict(target_modules=targets), loss=lm_loss(32000, ids),
-                what="Llama, hidden 256, intermediate 688, 2 layers, vocab 32000, untied; 4x64 tokens; targets "
-                     "embed_tokens, q_proj, v_proj")
+    return {"model": model, "batch": {"input_ids": ids}, "targets": targets, "parameters": None,
+                "peft": {"target_modules": targets}, "loss": lm_loss(32000, ids),
+                "what": "Llama, hidden 256, intermediate 688, 2 layers, vocab 32000, untied; 4x64 tokens; targets "
+                     "embed_tokens, q_proj, v_proj"}
 
 
 def moe_row():
@@ -145,10 +145,10 @@ def moe_row():
     model = MixtralForCausalLM(config)
     ids = torch.randint(3, 1000, (4, 64), generator=torch.Generator().manual_seed(1))
     targets, parameters = ["q_proj", "v_proj"], ["experts.gate_up_proj", "experts.down_proj"]
-    return dict(model=model, batch={"input_ids": ids}, targets=targets, parameters=parameters,
-                peft=dict(target_modules=targets, target_parameters=parameters), loss=lm_loss(1000, ids),
-                what="Mixtral, hidden 128, intermediate 256, 2 layers, 8 experts top-2, vocab 1000; 4x64 tokens; "
-                     "targets q_proj, v_proj + target_parameters experts.gate_up_proj, experts.down_proj")
+    return {"model": model, "batch": {"input_ids": ids}, "targets": targets, "parameters": parameters,
+                "peft": {"target_modules": targets, "target_parameters": parameters}, "loss": lm_loss(1000, ids),
+                "what": "Mixtral, hidden 128, intermediate 256, 2 layers, 8 experts top-2, vocab 1000; 4x64 tokens; "
+                     "targets q_proj, v_proj + target_parameters experts.gate_up_proj, experts.down_proj"}
 
 
 ROWS = {"conv (ResNet block)": resnet_row, "conv (UNet)": unet_row, "embedding": embedding_row,
@@ -210,8 +210,9 @@ def inferer(net, batch):
 
 
 def run_row(label: str, spec: dict, rounds: int, per_round: int) -> dict:
-    import lora_fx
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    import lora_fx
 
     model, batch = spec["model"].eval(), spec["batch"]
     row = {"row": label, "what": spec["what"]}
@@ -229,8 +230,8 @@ def run_row(label: str, spec: dict, rounds: int, per_round: int) -> dict:
     peft_times = []
     for _ in range(3):
         fresh = copy.deepcopy(model)
-        peft_model, s = timed(lambda: get_peft_model(fresh, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                                        **spec["peft"])))
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, **spec["peft"])
+        peft_model, s = timed(lambda fresh=fresh, config=config: get_peft_model(fresh, config))
         peft_times.append(s)
     row["get_peft_model_s"] = sorted(peft_times)[1]
     tensors = stage("adapter_file", lambda: lora_fx.adapter_file(gm).tensors())
@@ -286,56 +287,56 @@ def run_row(label: str, spec: dict, rounds: int, per_round: int) -> dict:
 def conv_branch(rounds: int, per_round: int) -> list[dict]:
     """(a) activation branch vs (b) weight delta on one Conv2d(64, 64, 3, padding=1), x 8x64x32x32
     requiring grad (a layer inside a network), W frozen, A and B trainable; fwd+bwd and fwd only."""
-    rows = []
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 64, 32, 32, generator=g).requires_grad_()
+    rows = []
     for groups in (1, 4):
         w = torch.randn(64, 64 // groups, 3, 3, generator=g) * 0.05
-        for r in (8, 32):
-            s = ALPHA / r
-            # (a): PEFT's layers: lora_A Conv2d(in, r, 3) (never grouped), lora_B Conv2d(r, out, 1, groups)
-            a_conv = (torch.randn(r, 64, 3, 3, generator=g) * 0.05).requires_grad_()
-            b_conv = (torch.randn(64, r // groups, 1, 1, generator=g) * 0.05).requires_grad_()
-            # (b): A (r, in/groups * 9), B (out, r), delta (B @ A).view(W.shape)
-            a_mat = (torch.randn(r, w[0].numel(), generator=g) * 0.05).requires_grad_()
-            b_mat = (torch.randn(64, r, generator=g) * 0.05).requires_grad_()
-
-            def branch():
-                y = F.conv2d(x, w, padding=1, groups=groups)
-                return y + F.conv2d(F.conv2d(x, a_conv, padding=1), b_conv, groups=groups) * s
-
-            def delta():
-                return F.conv2d(x, w + s * (b_mat @ a_mat).view(w.shape), padding=1, groups=groups)
-
-            gy = torch.randn(8, 64, 32, 32, generator=g)
-
-            def fwd_bwd(fn):
-                def run():
-                    fn().backward(gy)
-                    x.grad = a_conv.grad = b_conv.grad = a_mat.grad = b_mat.grad = None
-                return run
-
-            def fwd(fn):
-                def run():
-                    with torch.no_grad():
-                        fn()
-                return run
-
-            if groups == 1:  # the two are the same function when A, B are reshapes of each other
-                with torch.no_grad():
-                    a_conv.copy_(a_mat.view(r, 64, 3, 3))
-                    b_conv.copy_(b_mat.view(64, r, 1, 1))
-                    same = (branch() - delta()).abs().max().item()
-            else:
-                same = None  # PEFT's grouped branch (dense lora_A, grouped lora_B) is another function
-            t = interleaved({"a fb": fwd_bwd(branch), "b fb": fwd_bwd(delta), "a f": fwd(branch), "b f": fwd(delta)},
-                            rounds=rounds, per_round=per_round, warmup=2)
-            rows.append({"conv": "Conv2d(64, 64, 3)" + (f", groups={groups}" if groups > 1 else ""), "rank": r,
-                         "a_fb": round(1000 * t["a fb"], 2), "b_fb": round(1000 * t["b fb"], 2),
-                         "ratio_fb": round(t["b fb"] / t["a fb"], 2), "a_f": round(1000 * t["a f"], 2),
-                         "b_f": round(1000 * t["b f"], 2), "ratio_f": round(t["b f"] / t["a f"], 2),
-                         "max_abs_a_vs_b": None if same is None else f"{same:.1e}"})
+        rows += [one_conv(x, w, groups, r, g, rounds, per_round) for r in (8, 32)]
     return rows
+
+
+def one_conv(x, w, groups: int, r: int, g, rounds: int, per_round: int) -> dict:
+    s = ALPHA / r
+    # (a): PEFT's layers: lora_A Conv2d(in, r, 3) (never grouped), lora_B Conv2d(r, out, 1, groups)
+    a_conv = (torch.randn(r, 64, 3, 3, generator=g) * 0.05).requires_grad_()
+    b_conv = (torch.randn(64, r // groups, 1, 1, generator=g) * 0.05).requires_grad_()
+    # (b): A (r, in/groups * 9), B (out, r), delta (B @ A).view(W.shape)
+    a_mat = (torch.randn(r, w[0].numel(), generator=g) * 0.05).requires_grad_()
+    b_mat = (torch.randn(64, r, generator=g) * 0.05).requires_grad_()
+    gy = torch.randn(8, 64, 32, 32, generator=g)
+
+    def branch():
+        y = F.conv2d(x, w, padding=1, groups=groups)
+        return y + F.conv2d(F.conv2d(x, a_conv, padding=1), b_conv, groups=groups) * s
+
+    def delta():
+        return F.conv2d(x, w + s * (b_mat @ a_mat).view(w.shape), padding=1, groups=groups)
+
+    def fwd_bwd(fn):
+        def run():
+            fn().backward(gy)
+            x.grad = a_conv.grad = b_conv.grad = a_mat.grad = b_mat.grad = None
+        return run
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    same = "n/a (other function)"  # PEFT's grouped branch (dense lora_A, grouped lora_B) is another function
+    if groups == 1:  # the two are the same function when A, B are reshapes of each other
+        with torch.no_grad():
+            a_conv.copy_(a_mat.view(r, 64, 3, 3))
+            b_conv.copy_(b_mat.view(64, r, 1, 1))
+            same = f"{(branch() - delta()).abs().max().item():.1e}"
+    t = interleaved({"a fb": fwd_bwd(branch), "b fb": fwd_bwd(delta), "a f": fwd(branch), "b f": fwd(delta)},
+                    rounds=rounds, per_round=per_round, warmup=2)
+    return {"conv": "Conv2d(64, 64, 3)" + (f", groups={groups}" if groups > 1 else ""), "rank": r,
+            "a_fb": round(1000 * t["a fb"], 2), "b_fb": round(1000 * t["b fb"], 2),
+            "ratio_fb": round(t["b fb"] / t["a fb"], 2), "a_f": round(1000 * t["a f"], 2),
+            "b_f": round(1000 * t["b f"], 2), "ratio_f": round(t["b f"] / t["a f"], 2), "max_abs_a_vs_b": same}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -385,7 +386,7 @@ def main(argv=None) -> int:
             row = {"row": label, "status": f"lora-fx FAILED: {e}", "traceback": "".join(tb)}
             failures.append(row)
             print("".join(tb), file=sys.stderr)
-        except Exception as e:  # PEFT or the benchmark itself: also recorded, marked as not lora-fx's
+        except Exception as e:  # noqa: BLE001  PEFT or the benchmark itself: also recorded, marked as not lora-fx's
             tb = traceback.format_exc()
             row = {"row": label, "status": f"failed (outside lora-fx): {type(e).__name__}: "
                                            f"{str(e).splitlines()[0] if str(e) else ''}", "traceback": tb}
@@ -458,7 +459,7 @@ def main(argv=None) -> int:
     if failures:
         fail_text = "\n\nFailures (first line; the traceback is in the json):\n" + "\n".join(
             f"- {f['row']}: {f['status']}" for f in failures)
-    text = "\n\n".join([header, main_table, micro_text, micro_table]) + fail_text
+    text = f"{header}\n\n{main_table}\n\n{micro_text}\n\n{micro_table}" + fail_text
     print(text)
     if args.quick:  # a smoke run leaves the results as they were
         return 0

@@ -54,7 +54,7 @@ def main():
         d = tmp / "hostile"
         lora_fx.save_adapter(gm, d)
         cfg = json.loads((d / "adapter_config.json").read_text())
-        cfg["use_dora"] = True
+        cfg["kasa_config"] = {"r": 4}  # a PEFT variant lora-fx does not implement
         (d / "adapter_config.json").write_text(json.dumps(cfg))
         return lora_fx.load_adapter(model, d, example_inputs=ids)
 
@@ -66,7 +66,7 @@ def main():
 
     cases = [
         ("targets that match nothing", lambda: lora_fx.inject_lora(model, ["q_prj"], example_inputs=ids)),
-        ("a target that is not a linear layer", lambda: lora_fx.inject_lora(model, ["embed_tokens"], example_inputs=ids)),
+        ("a target that names a vector", lambda: lora_fx.inject_lora(model, ["norm"], example_inputs=ids)),
         ("a LayerNorm target", lambda: lora_fx.inject_lora(model, ["input_layernorm"], example_inputs=ids)),
         ("rank 0", lambda: lora_fx.inject_lora(model, ["q_proj"], rank=0, example_inputs=ids)),
         ("alpha <= 0", lambda: lora_fx.inject_lora(model, ["q_proj"], alpha=0, example_inputs=ids)),

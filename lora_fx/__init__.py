@@ -34,7 +34,7 @@ from .inject import inject_lora
 from .mixed import bank_name, bank_source, mixed_adapters
 from .report import InjectReport, NearMiss
 from .saved import load_graph, save_graph
-from .slot import LORA_A, LORA_B, LoraName, lora_parameters, parse_slot_free, scale_slot_free, slot_free_name
+from .slot import LORA_A, LORA_B, LORA_M, LoraName, lora_parameters, parse_slot_free, scale_slot_free, slot_free_name
 from .slot import parse_name as parse_lora_name
 from .state import Adapter, LoraState, Site
 
@@ -79,6 +79,7 @@ __all__ = [
     "parse_lora_name",
     "LoraName",
     "LORA_A",
+    "LORA_M",
     "LORA_B",
     "AdapterFile",
     "GraphDiff",

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import slot
-from .attach import attach_adapter, base_copy, check_adapter_name, check_hparams, new_adapter, relayout
+from .attach import attach_adapter, base_copy, check_active, check_adapter_name, check_hparams, new_adapter, relayout
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule, require_lora
 from .match import match_weights, parse_targets
@@ -21,7 +21,7 @@ from .state import LoraConfig, Weights
 
 def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, alpha: float = 16,
                 dropout: float = 0.0, init: str = "gaussian", rank_pattern=None, alpha_pattern=None,
-                weights=None, target_parameters=None, use_rslora: bool = False) -> None:
+                weights=None, target_parameters=None, use_rslora: bool = False, use_dora: bool = False) -> None:
     """Add a new adapter (not active until set_adapter). `targets` (and `target_parameters`) default
     to the first adapter's. Weights it adapts that no adapter adapted before get LoRA nodes (a graph
     change, once)."""
@@ -35,7 +35,7 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
         targets, target_parameters = first.config.targets, first.config.target_parameters
     spec = parse_targets(targets, target_parameters)
     config = LoraConfig(targets, rank, alpha, dropout, init, (), dict(rank_pattern or {}), dict(alpha_pattern or {}),
-                        None if target_parameters is None else tuple(spec.parameters), bool(use_rslora))
+                        None if target_parameters is None else tuple(spec.parameters), bool(use_rslora), bool(use_dora))
     matches, _ = match_weights(base_copy(gm), spec, exclude=state.exclude)
     sites = [state.sites.get(m.site.param, m.site) for m in matches]
     attach_adapter(gm, sites, new_adapter(gm, name, config, sites, weights=weights))
@@ -48,6 +48,7 @@ def set_adapter(gm: LoraGraphModule, names) -> None:
     state.check_names(names)
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"cannot activate {names}: name one adapter or several, each at most once")
+    check_active(state, names)
     slot.write_back(gm, state)
     state.active = names
     if any(not slot.fits(gm, state, s) for s in state.sites.values()):

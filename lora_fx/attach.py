@@ -85,6 +85,14 @@ def check_weights(weights: Weights, sites: list[Site], ranks: dict[str, int]) ->
                 )
 
 
+def check_active(state: LoraState, names: list[str]) -> None:
+    """DoRA rescales the whole weight: a DoRA adapter is active alone (its update is not a sum)."""
+    dora = [n for n in names if state.adapters[n].config.use_dora]
+    if dora and len(names) > 1:
+        raise ConfigError(f"cannot activate {names} together: {dora[0]} is a DoRA adapter, whose magnitude rescales "
+                          "the whole weight, so it does not sum with others; activate it alone")
+
+
 # ---------------------------------------------------------------------------------- adapters
 def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fresh adapter's (A, B) for every block of a site: A random, B zero (an embedding, as PEFT:
@@ -106,10 +114,37 @@ def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[t
     return out
 
 
+def _check_dora(config: LoraConfig, sites: list[Site]) -> None:
+    refused = [s for s in sites if s.kind == "experts" or s.fused]
+    if config.use_dora and refused:
+        what = "an expert stack" if refused[0].kind == "experts" else "a fused-block spec"
+        raise ConfigError(f"DoRA needs one magnitude per output of a whole weight; {refused[0].param} is {what}. "
+                          "Leave it out of this adapter's targets, or use plain LoRA (use_dora=False)")
+
+
+def init_magnitudes(sites: list[Site], gm: nn.Module) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude at init: ||W0|| per output (B = 0), so training starts at the pretrained model."""
+    out = {}
+    for s in sites:
+        w = gm.get_parameter(s.param)
+        out[s.param] = torch.linalg.vector_norm(w.detach().float(), 2, s.in_dims).to(w.dtype)
+    return out
+
+
+def check_magnitudes(magnitudes: dict[str, torch.Tensor], sites: list[Site]) -> None:
+    for s in sites:
+        m = magnitudes.get(s.param)
+        if m is None or tuple(m.shape) != (s.out_features,):
+            raise TargetError(f"{s.param}: DoRA magnitude {None if m is None else tuple(m.shape)} does not fit this "
+                              f"model, which needs ({s.out_features},)")
+
+
 def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site], weights: Weights | None = None,
-                ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None) -> Adapter:
+                ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
+                magnitudes: dict[str, torch.Tensor] | None = None) -> Adapter:
     """An adapter over `sites`: ranks and alphas from `config` (its patterns) unless given per site,
-    weights checked against them, or initialised as the paper does (A random, B zero)."""
+    weights checked against them, or initialised as the paper does (A random, B zero); DoRA's
+    magnitudes likewise."""
     if ranks is None:
         ranks = {s.param: pattern_value(config.rank_pattern, s.owner, config.rank) for s in sites}
     if alphas is None:
@@ -125,8 +160,12 @@ def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site],
         weights = {s.param: init_weights(s, ranks[s.param], config.init, gm.get_parameter(s.param)) for s in sites}
     else:
         check_weights(weights, sites, ranks)
+    _check_dora(config, sites)
+    if config.use_dora:
+        magnitudes = init_magnitudes(sites, gm) if magnitudes is None else magnitudes
+        check_magnitudes(magnitudes, sites)
     return Adapter(name, config, {s.param: ranks[s.param] for s in sites},
-                   {s.param: float(alphas[s.param]) for s in sites}, weights)
+                   {s.param: float(alphas[s.param]) for s in sites}, weights, magnitudes if config.use_dora else None)
 
 
 # ---------------------------------------------------------------------------------- the core
@@ -166,12 +205,13 @@ def relayout(gm: LoraGraphModule) -> dict[str, int]:
     adapters, or activating a set that does not fit, calls it."""
     state = gm.lora_state
     strip_lora(gm.graph)
+    dora = state.dora_sites()
     for site in state.sites.values():
         r, p = slot.needed_rank(state, site.param), slot.dropout_p(state, site.param)
-        if slot.rank_of(gm, site, state.slot) != r or slot.has_dropout(gm, site, state.slot) != (p > 0):
-            slot.install(gm, site, state.slot, r, p, gm.get_parameter(site.param))
+        if not slot.fits(gm, state, site) or slot.rank_of(gm, site, state.slot) != r:
+            slot.install(gm, site, state.slot, r, p, gm.get_parameter(site.param), site.param in dora)
     dropout = {param for param in state.sites if slot.dropout_p(state, param) > 0}
-    counts = insert_lora(gm, rematch(gm, list(state.sites.values())), state.slot, dropout)
+    counts = insert_lora(gm, rematch(gm, list(state.sites.values())), state.slot, dropout, dora)
     state.weight_form = weight_form_sites(gm.graph)
     gm.forget_variants()  # captures for other inputs are rebuilt on their next call
     slot.fill(gm, state)
@@ -194,6 +234,7 @@ def recapture_with_lora(primary: LoraGraphModule, inputs, kind: str | None = Non
     if state is not None and not state.folded:
         slot.share(primary, new, state)
         dropout = {p for p, s in state.sites.items() if slot.has_dropout(primary, s, state.slot)}
-        insert_lora(new, rematch(new, list(state.sites.values())), state.slot, dropout)
+        dora = {p for p, s in state.sites.items() if slot.has_magnitude(primary, s, state.slot)}
+        insert_lora(new, rematch(new, list(state.sites.values())), state.slot, dropout, dora)
     new.lora_state = state
     return new

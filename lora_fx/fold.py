@@ -41,18 +41,52 @@ def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
     return out
 
 
-def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
-    """The LoRA update of one weight, in fp32, in W0's layout and full shape.
-
-    adapters: None for what the graph computes now (the active adapters), or a name, a list of
-    names, or {name: weight} for a weighted sum of stored adapters.
-    """
+def _lora_delta(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
+    """scaling * B @ A of one weight, fp32, in W0's layout and shape."""
     w0 = gm.get_parameter(site.param)
     batch = (site.experts,) if site.experts else ()
     delta = torch.zeros(*batch, site.out_features, site.in_features, dtype=torch.float32, device=w0.device)
     for block, b, a in _factors(gm, site, adapters):
         delta[..., block.start:block.stop, :] += b @ a
     return site.as_weight(delta)
+
+
+def _magnitude(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor | None:
+    """DoRA's magnitude of one weight in what is folded, or None when no DoRA adapter is."""
+    state = gm.lora_state
+    if adapters is None:
+        module = slot.magnitude(gm, site, state.slot)
+        return module.weight.detach().float() if module is not None and module.on.item() else None
+    mix = adapter_mix(state, adapters)
+    dora = [n for n in mix if state.adapters[n].config.use_dora and site.param in state.adapters[n].ranks]
+    if not dora:
+        return None
+    if len(mix) > 1 or mix[dora[0]] != 1.0:
+        raise FoldError(f"cannot fold {list(mix)} as a weighted sum: {dora[0]} is a DoRA adapter, whose magnitude "
+                        "rescales the whole weight; fold it alone")
+    return slot.read_magnitudes(gm, state, dora[0])[site.param].float()
+
+
+def _dora(w: torch.Tensor, site: Site, magnitude: torch.Tensor) -> torch.Tensor:
+    """m * W / ||W|| per output (W = W0 + scaling * B @ A, fp32)."""
+    norm = torch.linalg.vector_norm(w, 2, site.in_dims, keepdim=True)
+    shape = [1, -1] if site.layout == "in_out" else [-1] + [1] * (w.dim() - 1)
+    return w * (magnitude.view(shape) / norm)
+
+
+def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
+    """The LoRA update of one weight, in fp32, in W0's layout and full shape: W' - W0, with
+    W' = W0 + scaling * B @ A (DoRA: rescaled per output by its magnitude).
+
+    adapters: None for what the graph computes now (the active adapters), or a name, a list of
+    names, or {name: weight} for a weighted sum of stored adapters.
+    """
+    delta = _lora_delta(gm, site, adapters)
+    magnitude = _magnitude(gm, site, adapters)
+    if magnitude is None:
+        return delta
+    w0 = gm.get_parameter(site.param).detach().float()
+    return _dora(w0 + delta, site, magnitude) - w0
 
 
 def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
@@ -67,12 +101,15 @@ def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
         )
     w = w0.detach().to(torch.float32, copy=True)
     if site.kind != "linear":  # conv, embedding, experts: one delta in the weight's shape
-        w += delta_weight(gm, site, adapters)
+        w += _lora_delta(gm, site, adapters)
     for block, b, a in factors if site.kind == "linear" else ():
         if site.layout == "in_out":  # W0 is [in, out]: the block is a column range
             w[:, block.start:block.stop].addmm_(a.t(), b.t())
         else:
             w[block.start:block.stop].addmm_(b, a)
+    magnitude = _magnitude(gm, site, adapters)
+    if magnitude is not None:
+        w = _dora(w, site, magnitude)
     out = w.to(w0.dtype)
     if w0.dtype == torch.float16 and w0.device.type != "meta" and not torch.isfinite(out).all():
         raise FoldError(f"folding {site.param} overflows float16; fold into a float32 or bfloat16 copy instead")

@@ -30,6 +30,7 @@ def inject_lora(
     weights: dict | None = None,
     target_parameters=None,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> LoraGraphModule:
     """Capture `model` and add LoRA beside every weight `targets` names.
 
@@ -41,6 +42,8 @@ def inject_lora(
     expert gets its own rank-r pair. `targets` may then be None.
     rank_pattern / alpha_pattern: PEFT's per-module overrides ({"v_proj": 16}).
     use_rslora: scaling = alpha / sqrt(rank) (rsLoRA), as PEFT's use_rslora.
+    use_dora: DoRA (Liu et al., 2024), as PEFT's use_dora: a trained magnitude per output,
+    W' = m * (W0 + scaling * B @ A) / ||W0 + scaling * B @ A||; folding gives the original graph again.
     Only LoRA weights (and the modules named in `trainable`, which are copied) require grad; base
     weights are shared with `model`, never copied; `model` itself is left as it was.
     The report of what was done is `gm.lora_report`.
@@ -51,7 +54,7 @@ def inject_lora(
     trainable = _as_names(trainable)
     config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable), dict(rank_pattern or {}),
                         dict(alpha_pattern or {}), None if target_parameters is None else tuple(spec.parameters),
-                        bool(use_rslora))
+                        bool(use_rslora), bool(use_dora))
     gm = graph_to_adapt(model, example_inputs)
     exclude = output_layer(gm.capture_info.source)
     matches, near = match_weights(gm, spec, exclude=exclude)

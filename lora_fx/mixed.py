@@ -103,6 +103,10 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     cap = gm.capture_info
     if cap is None or cap.positional or cap.example_inputs is None:
         raise ConfigError("mixed_adapters needs a graph captured with keyword inputs")
+    dora = [n for n in names if state.adapters[n].config.use_dora]
+    if dora or (slots and state.dora_sites()):
+        raise ConfigError(f"mixed batches sum per-row LoRA updates; DoRA adapters ({dora or sorted(state.dora_sites())[:1]}) "
+                          "rescale the weight instead. Serve a DoRA adapter folded (merge_lora)")
     weights = {n: slot.read(gm, state, n) for n in names}
 
     mixed = base_copy(gm)
@@ -121,6 +125,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     k = (slots or len(names)) + 1  # banks, and the zero one at the end
     with graph.inserting_after(index):  # -1 (no adapter) selects the zero bank at the end
         selected = graph.call_function(torch.remainder, (index, k))
+    x_at = {id(u): u.node.args.index(u.x) for m in matches for u in m.uses}  # see rewrite.insert_lora
     for m in matches:
         site = m.site
         rank = slot.rank_of(gm, site, state.slot) if slots else max([state.adapters[n].ranks.get(site.param, 0) for n in names] + [1])
@@ -141,7 +146,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
         set_module(mixed, path, module)
         for use in m.uses:
             with graph.inserting_after(use.node):
-                out = graph.call_module(path, (use.x, selected, use.node))
+                out = graph.call_module(path, (use.node.args[x_at[id(use)]], selected, use.node))
             out.meta[LORA_META] = {"param": site.param, "role": "mixed"}
             use.node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
     graph.lint()

@@ -14,11 +14,12 @@ find them.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
 from .match import Match
-from .slot import LORA_A, LORA_B, dropout_path, scale_path, weight_path
+from .slot import LORA_A, LORA_B, dropout_path, magnitude_path, scale_path, weight_path
 from .state import Site
 
 aten = torch.ops.aten
@@ -31,12 +32,14 @@ class _Builder:
     def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, tag: dict):
         self.graph, self.last, self.tag = graph, anchor, tag
         self.stack = anchor.meta.get("nn_module_stack")
+        self.created: set[torch.fx.Node] = set()
 
     def _add(self, node: torch.fx.Node, role: str = "branch") -> torch.fx.Node:
         node.meta[LORA_META] = {**self.tag, "role": role}
         if self.stack is not None:
             node.meta["nn_module_stack"] = self.stack
         self.last = node
+        self.created.add(node)
         return node
 
     def call(self, target, *args, role: str = "branch") -> torch.fx.Node:
@@ -120,12 +123,60 @@ def _weight_delta(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
     return total
 
 
-def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropout: set[str]) -> Counter:
+def _magnitude(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
+    """DoRA's per-output factor m / ||W0 + scaling * B @ A|| ([out]; the norm over the weight's input
+    dimensions, detached as in the DoRA paper and PEFT), or 1 while the slot's switch is off."""
+    w = b.get_attr(site.param)
+    norm = b.call(aten.linalg_vector_norm.default, b.call(aten.add.Tensor, w, _weight_delta(b, site, slot)), 2,
+                  site.in_dims)
+    norm = b.call(aten.detach.default, norm)
+    path = magnitude_path(site, slot)
+    ratio = b.call(aten.sub.Tensor, b.call(aten.div.Tensor, b.get_attr(f"{path}.weight"), norm), 1)
+    return b.call(aten.add.Tensor, b.call(aten.mul.Tensor, ratio, b.get_attr(f"{path}.on")), 1)
+
+
+def _bias(use) -> torch.fx.Node | None:
+    """The bias a product adds (its output minus the bias is W0 x), or None."""
+    if use.kind in ("linear", "conv"):
+        return use.node.args[2] if len(use.node.args) > 2 else None
+    if use.kind == "addmm":
+        return use.node.args[0]
+    return None
+
+
+def _dora(b: _Builder, site: Site, slot: str, use, delta: torch.fx.Node) -> torch.fx.Node:
+    """DoRA on an activation: y0 + (mag - 1) * (y0 - bias) + mag * delta, i.e. mag * (W0 x + delta) + bias."""
+    mag = _magnitude(b, site, slot)
+    if use.kind == "conv":  # channels are dim 1 of a conv's output
+        mag = b.call(aten.view.default, mag, [-1] + [1] * (len(site.shape) - 2))
+    base, bias = use.node, _bias(use)
+    if bias is not None:
+        if use.kind == "conv":
+            bias = b.call(aten.view.default, bias, [-1] + [1] * (len(site.shape) - 2))
+        base = b.call(aten.sub.Tensor, base, bias)
+    scaled_base = b.call(aten.mul.Tensor, b.call(aten.sub.Tensor, mag, 1), base)
+    return b.call(aten.add.Tensor, scaled_base, b.call(aten.mul.Tensor, mag, delta))
+
+
+def _dora_weight(b: _Builder, site: Site, slot: str, w: torch.fx.Node) -> torch.fx.Node:
+    """DoRA on a weight read as a weight: mag * (W0 + scaling * B @ A) - W0."""
+    mag = _magnitude(b, site, slot)
+    shape = [1, -1] if site.layout == "in_out" else [-1] + [1] * (len(site.shape) - 1)
+    mag = b.call(aten.view.default, mag, shape)
+    adapted = b.call(aten.mul.Tensor, mag, b.call(aten.add.Tensor, w, _weight_delta(b, site, slot)))
+    return b.call(aten.sub.Tensor, adapted, w)
+
+
+def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropout: set[str],
+                dora: set[str] = frozenset()) -> Counter:
     """Rewrite every use of every matched weight to read the LoRA slot named `slot`; returns how many
     uses of each kind were rewritten. `dropout` names the sites (by weight) whose LoRA input goes
-    through the slot's dropout module."""
+    through the slot's dropout module, `dora` those with DoRA's magnitude."""
     counts: Counter = Counter()
     graph = gm.graph
+    # where each product reads its activation: rewriting one use rewires the next one's input (a
+    # linear feeding a linear), so the activation is read from the node when its turn comes
+    x_at = {id(u): u.node.args.index(u.x) for m in matches for u in m.uses if u.x is not None}
     for match in matches:
         site = match.site
         tag = {"param": site.param}
@@ -136,18 +187,22 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
                 counts["weight"] += 1
                 continue
             b = _Builder(graph, use.node, tag)
+            use = replace(use, x=use.node.args[x_at[id(use)]])
             if use.kind == "conv":
                 delta = _conv_branch(b, site, slot, use, site.param in dropout)
             elif use.kind == "embedding":
                 delta = _embedding_branch(b, site, slot, use)
             else:
                 delta = _branch(b, site, slot, use.x, site.param in dropout)
+            if site.param in dora:
+                delta = _dora(b, site, slot, use, delta)
             out = b.call(aten.add.Tensor, use.node, delta, role="combine")
-            use.node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+            use.node.replace_all_uses_with(out, delete_user_cb=lambda user, mine=b.created: user not in mine)
             counts[use.kind] += 1
         for w, consumers in by_weight.items():
             b = _Builder(graph, w, tag)
-            adapted = b.call(aten.add.Tensor, w, _weight_delta(b, site, slot), role="combine")
+            delta = _dora_weight(b, site, slot, w) if site.param in dora else _weight_delta(b, site, slot)
+            adapted = b.call(aten.add.Tensor, w, delta, role="combine")
             for consumer in consumers:
                 consumer.replace_input_with(w, adapted)
     graph.lint()

@@ -6,6 +6,7 @@ Per adapted weight (a site) the graph holds one slot, named after the first adap
     <holder>.lora_B.<slot>.weight        [rows, R]
     <holder>.lora_scaling.<slot>.scale   [R]        alpha / rank of the adapter owning each row; 0 if unused
     <holder>.lora_dropout.<slot>         nn.Dropout, when an adapter on the site has LoRA dropout
+    <holder>.lora_magnitude_vector.<slot>.weight  [out]   DoRA's magnitude, when an adapter on the site is DoRA
 
 R is the rank the active adapters need side by side (at least the largest adapter's). Activating
 adapters copies their weights into the slot in place, zero-padded (which is exact), so switching needs
@@ -26,12 +27,14 @@ from .paths import resolve, set_module
 from .state import Adapter, LoraState, Site, Weights
 
 LORA_A, LORA_B = "lora_A", "lora_B"
+LORA_M = "lora_magnitude_vector"  # DoRA's magnitude (PEFT's name)
 EMBEDDING = {LORA_A: "lora_embedding_A", LORA_B: "lora_embedding_B"}  # PEFT's names on nn.Embedding
 FILE_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
-_MODULE_NAME = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
+_MODULE_NAME = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB]|lora_magnitude_vector)\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
 _FILE_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])(?:\.block(?P<block>\d+))?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<holder>.+)\.lora_embedding_(?P<which>[AB])$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<holder>.+)\.lora_magnitude_vector$")
 _SCALE_NAME = re.compile(r"^(?P<holder>.+)\.lora_scaling\.(?P<slot>[^.]+)\.scale$")
 
 
@@ -41,6 +44,16 @@ class LoraWeight(nn.Module):
     def __init__(self, shape: tuple[int, ...], device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+
+
+class LoraMagnitude(nn.Module):
+    """DoRA's magnitude m ([out]) and a switch `on` (1 while a DoRA adapter is active, else 0: then the
+    site computes plain LoRA)."""
+
+    def __init__(self, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
+        self.register_buffer("on", torch.zeros((), device=device, dtype=dtype), persistent=False)
 
 
 class LoraScaling(nn.Module):
@@ -67,6 +80,11 @@ def dropout_path(site: Site, slot: str) -> str:
     return f"{site.holder}.lora_dropout.{slot}"
 
 
+def magnitude_path(site: Site, slot: str) -> str:
+    """DoRA's LoraMagnitude module of a site: `<holder>.lora_magnitude_vector.<slot>`."""
+    return f"{site.holder}.{LORA_M}.{slot}"
+
+
 @dataclass(frozen=True)
 class LoraName:
     """A LoRA weight's name taken apart."""
@@ -83,6 +101,8 @@ class LoraName:
         file `<holder>.lora_embedding_A` (PEFT's file keys, unprefixed)."""
         if self.embedding:
             return f"{self.holder}.{EMBEDDING[self.which]}"
+        if self.which == LORA_M:  # PEFT's files spell DoRA's magnitude without `.weight`
+            return f"{self.holder}.{LORA_M}"
         return self.module_name
 
     @property
@@ -123,6 +143,9 @@ def parse_file_key(key: str) -> LoraName | None:
     m = _EMBEDDING_KEY.match(key[len(FILE_PREFIX):])
     if m is not None:
         return LoraName(m["holder"], f"lora_{m['which']}", None, None, embedding=True)
+    m = _MAGNITUDE_KEY.match(key[len(FILE_PREFIX):])
+    if m is not None:
+        return LoraName(m["holder"], LORA_M, None, None)
     return parse_slot_free(key[len(FILE_PREFIX):])
 
 
@@ -148,7 +171,10 @@ def file_name(site: Site, holder: str, which: str, block_index: int) -> LoraName
 
 def to_file(site: Site, which: str, t: torch.Tensor) -> torch.Tensor:
     """A LoRA factor in PEFT's file layout. Experts: lora_A [E*r, in] expert-major (row e*r + k),
-    lora_B [out, r*E] expert-minor (column k*E + e), as PEFT's ParamWrapper stores them."""
+    lora_B [out, r*E] expert-minor (column k*E + e), as PEFT's ParamWrapper stores them. A conv's
+    DoRA magnitude: [1, out, 1, ...]."""
+    if which == LORA_M:
+        return t.reshape(1, -1, *(1,) * (len(site.shape) - 2)) if site.kind == "conv" else t
     if site.kind != "experts":
         return t
     if which == LORA_A:
@@ -158,6 +184,8 @@ def to_file(site: Site, which: str, t: torch.Tensor) -> torch.Tensor:
 
 def from_file(site: Site, which: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_file`: a factor from PEFT's file in the slot's layout."""
+    if which == LORA_M:
+        return t.reshape(-1)
     if site.kind != "experts" or t.dim() != 2:
         return t
     e = site.experts
@@ -190,8 +218,8 @@ def slot_free_name(name: str, slot: str) -> str | None:
 
 
 def lora_parameters(gm: nn.Module, which: str | None = None) -> dict[str, nn.Parameter]:
-    """The LoRA weights in `gm` by name (both, or only LORA_A / LORA_B): what trains, what to
-    initialise or inspect. Empty for a module without LoRA."""
+    """The LoRA weights in `gm` by name (all, or only LORA_A / LORA_B / LORA_M, DoRA's magnitudes):
+    what trains, what to initialise or inspect. Empty for a module without LoRA."""
     out = {}
     for name, p in gm.named_parameters():
         parsed = parse_name(name)
@@ -223,15 +251,26 @@ def has_dropout(gm: nn.Module, site: Site, slot: str) -> bool:
     return resolve(gm, dropout_path(site, slot)) is not None
 
 
+def magnitude(gm: nn.Module, site: Site, slot: str) -> LoraMagnitude | None:
+    """A site's DoRA magnitude module, or None."""
+    return resolve(gm, magnitude_path(site, slot))
+
+
+def has_magnitude(gm: nn.Module, site: Site, slot: str) -> bool:
+    return magnitude(gm, site, slot) is not None
+
+
 def fits(gm: nn.Module, state: LoraState, site: Site) -> bool:
-    """Whether the slot of `site` has the rows and the dropout module the adapters need."""
+    """Whether the slot of `site` has the rows, the dropout module and the DoRA magnitude the adapters need."""
     return (rank_of(gm, site, state.slot) >= needed_rank(state, site.param)
-            and has_dropout(gm, site, state.slot) == (dropout_p(state, site.param) > 0))
+            and has_dropout(gm, site, state.slot) == (dropout_p(state, site.param) > 0)
+            and has_magnitude(gm, site, state.slot) == (site.param in state.dora_sites()))
 
 
-def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, like: torch.Tensor) -> None:
-    """Create (or resize) a site's slot: zero lora_A / lora_B of `rank` rows, zero scaling, and a
-    dropout module when `dropout` > 0."""
+def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, like: torch.Tensor,
+            dora: bool = False) -> None:
+    """Create (or resize) a site's slot: zero lora_A / lora_B of `rank` rows, zero scaling, a
+    dropout module when `dropout` > 0, and DoRA's magnitude when `dora`."""
     kw = dict(bias=False, device=like.device, dtype=like.dtype)
 
     def holder(which):
@@ -260,6 +299,11 @@ def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, lik
         drops[slot] = nn.Dropout(dropout).train(gm.training)  # a new module must not switch dropout on in eval
     elif slot in drops:
         del drops[slot]
+    magnitudes = holder(LORA_M)
+    if dora:
+        magnitudes[slot] = LoraMagnitude(site.out_features, like.device, like.dtype)
+    elif slot in magnitudes:
+        del magnitudes[slot]
 
 
 # ---------------------------------------------------------------------------------- contents
@@ -297,9 +341,18 @@ def read(gm: nn.Module, state: LoraState, name: str) -> Weights:
     return out
 
 
+def read_magnitudes(gm: nn.Module, state: LoraState, name: str) -> dict[str, torch.Tensor] | None:
+    """DoRA adapter `name`'s magnitudes (copies out of the slots when it is active), None without DoRA."""
+    adapter = state.adapter(name)
+    if not adapter.config.use_dora or name not in state.active:
+        return adapter.magnitudes
+    return {p: magnitude(gm, state.sites[p], state.slot).weight.detach().clone() for p in adapter.ranks}
+
+
 def write_back(gm: nn.Module, state: LoraState) -> None:
     """Move the active adapters' weights out of the slots into their own copies (before the slots change)."""
     for name in state.active:
+        state.adapters[name].magnitudes = read_magnitudes(gm, state, name)
         state.adapters[name].weights = read(gm, state, name)
 
 
@@ -324,19 +377,27 @@ def fill(gm: nn.Module, state: LoraState) -> None:
             drop = resolve(gm, dropout_path(site, state.slot))
             if drop is not None and placed:
                 drop.p = placed[0][0].config.dropout
+            m = magnitude(gm, site, state.slot)
+            if m is not None:
+                dora = [a for a, _ in placed if a.config.use_dora]  # at most one: DoRA adapters are not summed
+                m.on.fill_(1.0 if dora else 0.0)
+                if dora:
+                    m.weight.copy_(dora[0].magnitudes[param])
     for name in state.active:
         state.adapters[name].weights = None
+        state.adapters[name].magnitudes = None
 
 
 def scales(gm: nn.Module, state: LoraState) -> list[torch.Tensor]:
-    """Every site's scale buffer (zeroing them turns LoRA off without touching its weights)."""
-    return [gm.get_buffer(scale_path(site, state.slot)) for site in state.sites.values()]
+    """Every site's scale buffer and DoRA switch (zeroing them turns LoRA off without touching its weights)."""
+    out = [gm.get_buffer(scale_path(site, state.slot)) for site in state.sites.values()]
+    return out + [magnitude(gm, s, state.slot).on for s in state.sites.values() if has_magnitude(gm, s, state.slot)]
 
 
 def share(primary: LoraGraphModule, other: LoraGraphModule, state: LoraState) -> None:
     """Give `other` the very slot modules of `primary` (a graph of the same model for other inputs)."""
     for site in state.sites.values():
-        for which in (LORA_A, LORA_B, "lora_scaling", "lora_dropout"):
+        for which in (LORA_A, LORA_B, "lora_scaling", "lora_dropout", LORA_M):
             module = resolve(primary, f"{site.holder}.{which}")
             if module is not None:
                 set_module(other, f"{site.holder}.{which}", module)

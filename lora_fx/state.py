@@ -88,6 +88,11 @@ class Site:
             return a.flatten(1), b.flatten(1)
         return a, b
 
+    @property
+    def in_dims(self) -> list[int]:
+        """The weight's dimensions that are inputs (DoRA's norm runs over them, one value per output)."""
+        return [0] if self.layout == "in_out" else list(range(1, len(self.shape)))
+
     def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         """A matrix update [.., out, in] in the weight's own shape."""
         if self.layout == "in_out":
@@ -109,6 +114,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_parameters: tuple[str, ...] | None = None  # PEFT's target_parameters (MoE expert stacks, ...)
     use_rslora: bool = False  # scaling = alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
+    use_dora: bool = False  # DoRA: W' = m * (W0 + scaling * B @ A) / ||W0 + scaling * B @ A|| (per output)
 
 
 @dataclass
@@ -119,6 +125,8 @@ class Adapter:
     alphas: dict[str, float]  # site -> alpha
     # None while the adapter is active: the slots hold its weights then (read them with slot.read)
     weights: Weights | None
+    # DoRA's magnitude per site ([out]), None while active (in the slots) or without DoRA
+    magnitudes: dict[str, torch.Tensor] | None = None
 
     def scaling(self, param: str) -> float:
         """alpha / rank of this adapter on one site (the paper's scaling; alpha / sqrt(rank) with rsLoRA)."""
@@ -168,3 +176,9 @@ class LoraState:
         for adapter in self.adapters.values():
             if adapter.weights is not None:
                 adapter.weights = {p: [(fn(a), fn(b)) for a, b in pairs] for p, pairs in adapter.weights.items()}
+            if adapter.magnitudes is not None:
+                adapter.magnitudes = {p: fn(m) for p, m in adapter.magnitudes.items()}
+
+    def dora_sites(self) -> set[str]:
+        """Sites (weight names) some DoRA adapter adapts: their graph carries DoRA's magnitude."""
+        return {p for a in self.adapters.values() if a.config.use_dora for p in a.ranks}

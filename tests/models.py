@@ -70,6 +70,7 @@ class Case:
     causal: bool = False  # a decoder-only causal LM: generates with a KV cache
     parameters: tuple | None = None  # target_parameters (MoE expert stacks)
     onnx: bool = True  # torch's ONNX exporter handles the model
+    dora: bool = False  # inject with use_dora
 
     def batch(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -179,6 +180,14 @@ CASES = [
                                 tie_word_embeddings=False, **_decoder),
          ["embed_tokens", "v_proj"], peft=dict(target_modules=["embed_tokens", "v_proj"]),
          expect={"embedding": 1, "linear": 2}, causal=True),
+    # DoRA: linear, embedding, conv (PEFT's rows); a grouped conv's weight (lora-fx only)
+    Case("llama-dora", _hf("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2, tie_word_embeddings=False,
+                           **_decoder),
+         ["embed_tokens", "q_proj", "v_proj"], peft=dict(target_modules=["embed_tokens", "q_proj", "v_proj"], use_dora=True),
+         expect={"embedding": 1, "linear": 4}, has_dropout=False, dora=True),
+    Case("conv-dora", ConvNet, ["stem", "same", "point", "seq", "vol"], inputs="pixels",
+         peft=dict(target_modules=["stem", "same", "point", "seq", "vol"], use_dora=True), expect={"conv": 5}, dora=True),
+    Case("conv-dora-grouped", ConvNet, ["grouped", "dilated"], inputs="pixels", expect={"conv": 1, "weight": 1}, dora=True),
     # a diffusion UNet (diffusers): attention projections and the resnets' convs
     Case("unet", _unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], inputs="latents",
          peft=dict(target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]), has_dropout=False,

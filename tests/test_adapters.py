@@ -225,14 +225,16 @@ def _rewrite_config(d, **changes):
     ("no_config", "has no adapter_config.json"),
     ("bad_json", "not valid JSON"),
     ("hostile", "cannot tell are harmless"),
-    ("dora", r"use_dora=True \(DoRA, a PEFT variant lora-fx does not implement\) is not supported"),
+    ("dora", r"use_dora: true, but it holds no DoRA magnitude"),
+    ("lora_bias", r"lora_bias=True \(LoRA with a trained bias, a PEFT variant lora-fx does not implement\)"),
     ("kasa", r"kasa_config=.* \(KaSA, a PEFT variant"),
     ("velora", r"velora_config=.* \(VeLoRA, a PEFT variant"),
     ("monteclora", r"monteclora_config=.* \(MonteCLoRA, a PEFT variant"),
     ("bdlora", r"use_bdlora=.* \(BD-LoRA, a PEFT variant"),
     ("trainable_tokens", r"trainable_token_indices=.* \(trainable tokens, a PEFT variant"),
     ("mica", r"init_lora_weights='mica' makes MiCA"),
-    ("magnitude_key", r"lora_magnitude_vector weight of a LoRA variant lora-fx does not implement"),
+    ("magnitude_key", r"holds DoRA magnitudes .* but its config says use_dora: false"),
+    ("bias_key", r"lora_B.bias weight of a LoRA variant lora-fx does not implement"),
     ("rank", "r must be a positive int"),
     ("missing_key", "missing LoRA weights"),
     ("extra_key", "unexpected keys"),
@@ -259,7 +261,8 @@ def test_bad_adapter_files_leave_the_graph_alone(saved, breakage, message):
         (d / "adapter_config.json").write_text("{not json")
     elif breakage == "hostile":
         _rewrite_config(d, __class__="os.system", eval_code="rm -rf /")
-    elif breakage == "dora":
+    elif breakage == "dora":  # a PEFT-written (no fingerprint) plain adapter whose config says DoRA
+        save_file(load_file(weights), weights)
         _rewrite_config(d, use_dora=True)
     elif breakage in ("kasa", "velora", "monteclora"):  # what PEFT writes for these variants
         _rewrite_config(d, **{f"{breakage}_config": {"r": 4}})
@@ -267,11 +270,18 @@ def test_bad_adapter_files_leave_the_graph_alone(saved, breakage, message):
         _rewrite_config(d, use_bdlora={"target_modules_bd_a": ["q_proj"]})
     elif breakage == "trainable_tokens":
         _rewrite_config(d, trainable_token_indices=[1, 2])
+    elif breakage == "lora_bias":
+        _rewrite_config(d, lora_bias=True)
+    elif breakage == "bias_key":  # a lora_bias file whose config lost lora_bias
+        t = load_file(weights)
+        holder = next(k for k in t if ".lora_B." in k).rsplit(".lora_B.", 1)[0]
+        t[holder + ".lora_B.bias"] = torch.zeros(32)
+        save_file(t, weights)
     elif breakage == "mica":
         _rewrite_config(d, init_lora_weights="mica")
     elif breakage == "magnitude_key":  # a DoRA file whose config lost use_dora
         t = load_file(weights)
-        holder = next(iter(t)).rsplit(".lora_A.", 1)[0]
+        holder = next(k for k in t if ".lora_A." in k).rsplit(".lora_A.", 1)[0]
         t[holder + ".lora_magnitude_vector"] = torch.ones(32)
         save_file(t, weights)
     elif breakage == "rank":

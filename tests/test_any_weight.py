@@ -211,3 +211,101 @@ def test_tensor_subclass_weights_are_refused_at_inject():
     with pytest.raises(lora_fx.TargetError, match=r"TwoTensor, a tensor subclass .*Load the base model unquantized"):
         lora_fx.inject_lora(cap, ["0"])
     assert lora_fx.inject_lora(cap, ["1"]).lora_report.counters == {"linear": 1}
+
+
+# ------------------------------------------------------------------------------------ DoRA
+def _dora_definition(model, gm, x):
+    """The untouched model with every adapted weight replaced by W0 + delta_weight (DoRA's rescaled weight)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for site in gm.lora_state.sites.values():
+            ref.get_parameter(site.param).add_(lora_fx.delta_weight(gm, site))
+    return ref
+
+
+def test_chained_linears_each_see_the_adapted_input():
+    """A linear feeding a linear directly: the second LoRA branch reads the first one's adapted output."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    for dora in (False, True):
+        gm = lora_fx.inject_lora(model, ["0", "1"], rank=2, use_dora=dora, example_inputs=(x,))
+        randomize_lora(gm)
+        with torch.no_grad():
+            assert max_abs(gm(x), _dora_definition(model, gm, x)(x)) <= 1e-5
+    lora_fx.add_adapter(gm, "other", rank=2)
+    gm2 = lora_fx.inject_lora(model, ["0", "1"], rank=2, example_inputs=(x,))
+    randomize_lora(gm2)
+    mixed = lora_fx.mixed_adapters(gm2, ["default"])
+    with torch.no_grad():
+        assert max_abs(mixed(x, adapter_index=torch.zeros(4, dtype=torch.long)), gm2(x)) <= 1e-5
+
+
+def test_dora_on_gpt2_conv1d_equals_peft(tmp_path):
+    """GPT-2's Conv1D stores [in, out]: the magnitude is per output column."""
+    from peft import PeftModel
+
+    model, ids = tiny_gpt2(), token_ids()
+    gm = lora_fx.inject_lora(model, ["c_attn", "c_fc"], rank=4, use_dora=True, example_inputs=ids)
+    randomize_lora(gm)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), lora_fx.save_adapter(gm, tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert max_abs(peft_model(**ids), gm(**ids)) <= 1e-5
+        folded = lora_fx.merge_lora(gm)
+        assert max_abs(folded(**ids), gm(**ids)) <= 1e-5
+        assert max_abs(peft_model.merge_and_unload()(**ids), folded(**ids)) <= 1e-5
+
+
+def test_dora_on_a_weight_read_as_a_weight():
+    class SplitQKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv.weight.split(8)
+            return torch.nn.functional.linear(x, q) * torch.nn.functional.linear(x, v)
+
+    model, x = SplitQKV(), torch.randn(2, 3, 8)
+    gm = lora_fx.inject_lora(model, ["qkv"], rank=2, use_dora=True, example_inputs=(x,))
+    assert max_abs(gm(x), model(x)) <= 1e-6  # m = ||W0|| at init
+    randomize_lora(gm)
+    with torch.no_grad():
+        assert max_abs(gm(x), _dora_definition(model, gm, x)(x)) <= 1e-5
+        assert max_abs(lora_fx.merge_lora(gm)(x), gm(x)) <= 1e-5
+
+
+def test_dora_adapters_switch_disable_and_are_not_summed():
+    model, ids = tiny_gpt2(), token_ids()
+    gm = lora_fx.inject_lora(model, ["c_attn"], rank=2, use_dora=True, example_inputs=ids, adapter="dora")
+    randomize_lora(gm, seed=1)
+    lora_fx.add_adapter(gm, "plain", rank=2)
+    lora_fx.set_adapter(gm, "plain")
+    randomize_lora(gm, seed=2)
+    with torch.no_grad():
+        plain = gm(**ids)
+        lora_fx.set_adapter(gm, "dora")
+        dora = gm(**ids)
+        assert max_abs(dora, lora_fx.merge_lora(gm, "dora")(**ids)) <= 1e-5
+        lora_fx.set_adapter(gm, "plain")
+        assert max_abs(gm(**ids), plain) == 0 and max_abs(plain, dora) > 1e-3
+        assert max_abs(plain, lora_fx.merge_lora(gm, "plain")(**ids)) <= 1e-5
+        lora_fx.set_adapter(gm, "dora")
+        with lora_fx.disable_adapters(gm):
+            assert max_abs(gm(**ids), model(**ids)) <= 1e-6
+        assert max_abs(gm(**ids), dora) == 0
+    with pytest.raises(lora_fx.ConfigError, match="DoRA adapter, whose magnitude rescales"):
+        lora_fx.set_adapter(gm, ["dora", "plain"])
+    with pytest.raises(lora_fx.FoldError, match="fold it alone"):
+        lora_fx.merge_lora(gm, {"dora": 0.5})
+    with pytest.raises(lora_fx.ConfigError, match="DoRA adapters"):
+        lora_fx.mixed_adapters(gm, ["dora", "plain"])
+
+
+def test_dora_generates_as_its_fold():
+    model, ids = tiny_gpt2(), token_ids(batch=1, seq=5)
+    gm = lora_fx.inject_lora(model, ["c_attn"], rank=2, use_dora=True, example_inputs=ids)
+    randomize_lora(gm)
+    merged = lora_fx.merge_and_unload(gm)
+    ours = gm.generate(**ids, max_new_tokens=6, do_sample=False)
+    theirs = merged.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
