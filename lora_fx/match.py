@@ -458,12 +458,12 @@ def match_weights(
 
 
 def no_match_message(gm: nn.Module, spec: TargetSpec, near: list[NearMiss]) -> str:
-    linear_like = []
+    linear_like = []  # weights used as linear, conv or embedding weights
     for name, p in gm.named_parameters():
-        if p.dim() == 2:
+        if p.dim() >= 2:
             nodes = gm.graph.find_nodes(op="get_attr", target=name)
-            uses, _ = classify(nodes)
-            if any(u.kind != "weight" for u in uses):
+            uses, tables = classify(nodes)
+            if any(u.kind != "weight" for u in uses) or (tables and not spec.all_linear):
                 linear_like.append(_owner(name)[0])
     wanted = spec.keys() or ["all-linear"]
     hints = []
@@ -476,7 +476,7 @@ def no_match_message(gm: nn.Module, spec: TargetSpec, near: list[NearMiss]) -> s
     names = sorted({p.rsplit(".", 1)[-1] for p in linear_like})
     return (
         f"targets {wanted} adapt no weight of this model ({reasons}). The graph has "
-        f"{len(linear_like)} linear-like weights, in modules named {names[:12]}"
+        f"{len(linear_like)} adaptable weights (linear, conv, embedding), in modules named {names[:12]}"
         f"{' ...' if len(names) > 12 else ''}. {'; '.join(hints)}. Pass names from that list, "
         f"e.g. targets={names[:2]}."
     )

@@ -44,7 +44,7 @@ def test_nothing_matched_lists_closest_names_and_leaves_model_alone(llama, base)
         lora_fx.inject_lora(base, ["q_prj", "value"])
     msg = str(e.value)
     assert "'q_prj': closest" in msg and "q_proj" in msg
-    assert "15 linear-like weights" in msg  # 7 per layer + lm_head
+    assert "16 adaptable weights (linear, conv, embedding)" in msg  # 7 per layer + lm_head + embed_tokens
     assert_unchanged(llama, snap)
 
 
