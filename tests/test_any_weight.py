@@ -309,3 +309,26 @@ def test_dora_generates_as_its_fold():
     ours = gm.generate(**ids, max_new_tokens=6, do_sample=False)
     theirs = merged.generate(**ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("row", ["conv", "llama-embedding", "gpt-oss"])
+def test_two_adapters_of_other_ranks_switch_and_sum(row):
+    """Slots of conv, embedding and expert weights hold adapters side by side like linear ones:
+    each alone, and both summed, equal their folds."""
+    case = _row(row)
+    torch.manual_seed(0)
+    model = case.build().eval()
+    batch = case.batch(model, 2, 7)
+    gm = lora_fx.inject_lora(model, case.targets, target_parameters=case.parameters, rank=4, example_inputs=batch,
+                             adapter="a")
+    randomize_lora(gm, seed=1)
+    lora_fx.add_adapter(gm, "b", rank=2, alpha=3)
+    lora_fx.set_adapter(gm, "b")
+    randomize_lora(gm, seed=2)
+    with torch.no_grad():
+        for active in ("a", "b", ["a", "b"]):
+            lora_fx.set_adapter(gm, active)
+            assert max_abs(gm(**batch), lora_fx.merge_lora(gm, active)(**batch)) <= 1e-5, active
+        lora_fx.set_adapter(gm, "a")
+        assert max_abs(gm(**batch), lora_fx.merge_lora(gm, "a")(**batch)) <= 1e-5
+        assert max_abs(lora_fx.merge_lora(gm, "a")(**batch), lora_fx.merge_lora(gm, "b")(**batch)) > 1e-4
