@@ -39,6 +39,9 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_c
     state = lora_fx.unfolded_lora(gm)
     if state is None:
         raise ExportError("export_multi_adapter needs an unfolded LoRA graph (inject_lora or load_adapter's result)")
+    if state.bias_sites():
+        raise ExportError(f"{sorted(state.bias_sites())[:2]} carry lora_bias adapters (a lora_B bias), which a served "
+                          "adapter does not hold. Fold each of them (merge_lora) and export it")
     if state.dora_sites():
         raise ExportError(f"{sorted(state.dora_sites())[:2]} carry DoRA adapters, whose magnitude rescales the weight: "
                           "a served adapter is an additive update. Fold each DoRA adapter (merge_lora) and export it")

@@ -27,7 +27,7 @@ from .errors import (
     LoraFxError,
     TargetError,
 )
-from .fold import delta_weight, merge_and_unload, merge_lora
+from .fold import delta_bias, delta_weight, merge_and_unload, merge_lora
 from .generation import MODEL_DEFAULT, Sampling, check_request, generate_with, max_positions, special_tokens
 from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
 from .inject import inject_lora
@@ -45,6 +45,7 @@ __all__ = [
     "merge_lora",
     "merge_and_unload",
     "delta_weight",
+    "delta_bias",
     "graph_diff",
     "save_adapter",
     "load_adapter",

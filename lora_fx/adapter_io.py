@@ -38,18 +38,19 @@ MAX_CONFIG_BYTES = 1 << 20
 
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
-        "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters", "use_dora"}
+        "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters", "use_dora",
+        "lora_bias"}
 IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
            "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
            "qalora_group_size", "lora_ga_config"}
 # fields that change the adapter's math: accepted only at their neutral value; a PEFT variant
 # lora-fx does not implement is refused by the field that turns it on
-NEUTRAL = {"bias": "none", "lora_bias": False, "layers_to_transform": None,
+NEUTRAL = {"bias": "none", "layers_to_transform": None,
            "layers_pattern": None, "exclude_modules": None, "use_qalora": False,
            "trainable_token_indices": None, "layer_replication": None, "alora_invocation_tokens": None,
            "arrow_config": None, "megatron_config": None, "use_bdlora": None, "kasa_config": None,
            "velora_config": None, "monteclora_config": None}
-VARIANTS = {"lora_bias": "LoRA with a trained bias", "kasa_config": "KaSA", "velora_config": "VeLoRA",
+VARIANTS = {"kasa_config": "KaSA", "velora_config": "VeLoRA",
             "monteclora_config": "MonteCLoRA", "use_bdlora": "BD-LoRA", "trainable_token_indices": "trainable tokens",
             "use_qalora": "QA-LoRA", "arrow_config": "Arrow", "alora_invocation_tokens": "aLoRA"}
 # init_lora_weights values that make a variant, not only an initialisation (MiCA freezes lora_B)
@@ -92,6 +93,7 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
     lora, scalings = {}, {}
     weights = slot.read(gm, state, adapter.name)
     magnitudes = slot.read_magnitudes(gm, state, adapter.name) or {}
+    biases = slot.read_biases(gm, state, adapter.name) or {}
     holders = slot.file_holders([state.sites[p] for p in weights])
     for param, pairs in weights.items():
         site = state.sites[param]
@@ -100,6 +102,8 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
             lora[slot.file_name(site, holders[param], slot.LORA_B, block.index)] = slot.to_file(site, slot.LORA_B, b)
         if param in magnitudes:
             lora[slot.LoraName(holders[param], slot.LORA_M, None, None)] = slot.to_file(site, slot.LORA_M, magnitudes[param])
+        if param in biases:
+            lora[slot.LoraName(holders[param], slot.LORA_BIAS, None, None)] = biases[param]
         scalings[holders[param]] = adapter.scaling(param)
     return AdapterFile(peft_config(gm, adapter.name), lora, dict(trainable_weights(gm)), scalings)
 
@@ -141,7 +145,7 @@ def fingerprint(config: dict) -> str:
     """A hash of the config fields that must agree with the weights (not of the bytes: editing
     base_model_name_or_path by hand is fine)."""
     keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "use_rslora",
-            "lora_fx_blocks", "target_parameters", "use_dora")
+            "lora_fx_blocks", "target_parameters", "use_dora", "lora_bias")
     return hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,8 +174,10 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
         "alpha_pattern": {re.escape(s.owner): adapter.alphas[s.param] for s in modules if adapter.alphas[s.param] != alpha},
         "modules_to_save": list(state.trainable_modules) or None,
         "fan_in_fan_out": any(s.kind == "linear" and s.layout == "in_out" for s in sites),
-        "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" else True,
+        # PEFT loads a lora_bias adapter only with init_lora_weights True or False (the init is spent anyway)
+        "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" and not adapter.config.lora_bias else True,
         "bias": "none", "use_rslora": adapter.config.use_rslora, "use_dora": adapter.config.use_dora,
+        "lora_bias": adapter.config.lora_bias,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
     }
     uneven = sorted(s.param for s in parameters if adapter.ranks[s.param] != r or adapter.alphas[s.param] != alpha)
@@ -319,7 +325,7 @@ def validate_config(config: dict, where) -> dict:
     modules = config.get("modules_to_save") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
         raise AdapterFileError(f"{where}: modules_to_save must be a list of module names, got {modules!r}")
-    for key in ("use_rslora", "use_dora"):
+    for key in ("use_rslora", "use_dora", "lora_bias"):
         if not isinstance(config.get(key, False), bool):
             raise AdapterFileError(f"{where}: {key} must be true or false")
     return {
@@ -327,6 +333,7 @@ def validate_config(config: dict, where) -> dict:
         "target_parameters": parameters or None,
         "rank_pattern": dict(config.get("rank_pattern") or {}), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
         "modules_to_save": modules, "use_rslora": config.get("use_rslora", False), "use_dora": config.get("use_dora", False),
+        "lora_bias": config.get("lora_bias", False),
         "lora_fx_blocks": config.get("lora_fx_blocks") or {},
         "init_lora_weights": config.get("init_lora_weights", True),
     }
@@ -340,9 +347,19 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory):
     by_holder = {holders[s.param]: s for s in sites}
     found: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
     extra = []
     for name, t in file.lora.items():
         site = by_holder.get(name.holder)
+        if name.which == slot.LORA_BIAS:
+            if not file.config["lora_bias"]:
+                raise AdapterFileError(f"{directory} holds lora_B biases ({name.slot_free}) but its config says "
+                                       "lora_bias: false; fix the config (lora_bias: true) or remove them")
+            if site is None:
+                extra.append(slot.FILE_PREFIX + name.slot_free)
+            else:
+                biases[site.param] = t
+            continue
         if name.which == slot.LORA_M:
             if not file.config["use_dora"]:
                 raise AdapterFileError(f"{directory} holds DoRA magnitudes ({name.slot_free}) but its config says "
@@ -357,6 +374,10 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory):
             continue
         found.setdefault(site.param, {})[(name.which, name.block or 0)] = slot.from_file(site, name.which, t)
     missing = [holders[s.param] for s in sites if s.param not in found or len(found[s.param]) != 2 * len(s.blocks)]
+    no_bias = [holders[s.param] for s in sites if file.config["lora_bias"] and s.param not in biases]
+    if no_bias and not missing:
+        raise AdapterFileError(f"{directory}: its config says lora_bias: true, but it holds no lora_B bias for "
+                               f"{no_bias[:3]}; it is not a lora_bias adapter, or is incomplete")
     no_magnitude = [holders[s.param] for s in sites if file.config["use_dora"] and s.param not in magnitudes]
     if no_magnitude and not missing:
         raise AdapterFileError(f"{directory}: its config says use_dora: true, but it holds no DoRA magnitude "
@@ -373,7 +394,7 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory):
         pairs = [(found[site.param][(slot.LORA_A, b.index)], found[site.param][(slot.LORA_B, b.index)]) for b in site.blocks]
         ranks[site.param] = pairs[0][0].shape[site.rank_dims[0]]
         weights[site.param] = pairs
-    return weights, ranks, magnitudes
+    return weights, ranks, magnitudes, biases
 
 
 def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None):
@@ -425,7 +446,7 @@ def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file
     """The file's adapter over `sites`: its weights, the ranks they have (which must be the config's),
     and the config's alphas (rsLoRA's alpha / sqrt(r) expressed as an alpha for alpha / r)."""
     config = file.config
-    weights, ranks, magnitudes = _weights_for(sites, file, directory)
+    weights, ranks, magnitudes, biases = _weights_for(sites, file, directory)
     for s in sites:
         want = pattern_value(config["rank_pattern"], s.owner, config["r"])
         if ranks[s.param] != want:
@@ -435,9 +456,11 @@ def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file
     parameters = config["target_parameters"]
     lora_config = LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
                              tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],
-                             None if parameters is None else tuple(parameters), config["use_rslora"], config["use_dora"])
+                             None if parameters is None else tuple(parameters), config["use_rslora"], config["use_dora"],
+                             config["lora_bias"])
     return new_adapter(base, name, lora_config, sites, weights=weights, ranks=ranks, alphas=alphas,
-                       magnitudes=magnitudes if config["use_dora"] else None)
+                       magnitudes=magnitudes if config["use_dora"] else None,
+                       biases=biases if config["lora_bias"] else None)
 
 
 def _load_trainable(gm: LoraGraphModule, saved: dict[str, torch.Tensor], directory) -> None:

@@ -21,7 +21,8 @@ from .state import LoraConfig, Weights
 
 def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, alpha: float = 16,
                 dropout: float = 0.0, init: str = "gaussian", rank_pattern=None, alpha_pattern=None,
-                weights=None, target_parameters=None, use_rslora: bool = False, use_dora: bool = False) -> None:
+                weights=None, target_parameters=None, use_rslora: bool = False, use_dora: bool = False,
+                lora_bias: bool = False) -> None:
     """Add a new adapter (not active until set_adapter). `targets` (and `target_parameters`) default
     to the first adapter's. Weights it adapts that no adapter adapted before get LoRA nodes (a graph
     change, once)."""
@@ -35,7 +36,8 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
         targets, target_parameters = first.config.targets, first.config.target_parameters
     spec = parse_targets(targets, target_parameters)
     config = LoraConfig(targets, rank, alpha, dropout, init, (), dict(rank_pattern or {}), dict(alpha_pattern or {}),
-                        None if target_parameters is None else tuple(spec.parameters), bool(use_rslora), bool(use_dora))
+                        None if target_parameters is None else tuple(spec.parameters), bool(use_rslora), bool(use_dora),
+                        bool(lora_bias))
     matches, _ = match_weights(base_copy(gm), spec, exclude=state.exclude)
     sites = [state.sites.get(m.site.param, m.site) for m in matches]
     attach_adapter(gm, sites, new_adapter(gm, name, config, sites, weights=weights))

@@ -86,11 +86,16 @@ def check_weights(weights: Weights, sites: list[Site], ranks: dict[str, int]) ->
 
 
 def check_active(state: LoraState, names: list[str]) -> None:
-    """DoRA rescales the whole weight: a DoRA adapter is active alone (its update is not a sum)."""
+    """DoRA rescales the whole weight, and a lora_bias adapter owns the slot's one bias: either is
+    active alone (its update is not a sum)."""
     dora = [n for n in names if state.adapters[n].config.use_dora]
     if dora and len(names) > 1:
         raise ConfigError(f"cannot activate {names} together: {dora[0]} is a DoRA adapter, whose magnitude rescales "
                           "the whole weight, so it does not sum with others; activate it alone")
+    biased = [n for n in names if state.adapters[n].config.lora_bias]
+    if biased and len(names) > 1:
+        raise ConfigError(f"cannot activate {names} together: {biased[0]} has a lora_B bias (lora_bias), which is "
+                          "not summed with other adapters; activate it alone")
 
 
 # ---------------------------------------------------------------------------------- adapters
@@ -120,6 +125,15 @@ def _check_dora(config: LoraConfig, sites: list[Site]) -> None:
         what = "an expert stack" if refused[0].kind == "experts" else "a fused-block spec"
         raise ConfigError(f"DoRA needs one magnitude per output of a whole weight; {refused[0].param} is {what}. "
                           "Leave it out of this adapter's targets, or use plain LoRA (use_dora=False)")
+    if config.lora_bias:
+        for s in sites:
+            if s.kind not in ("linear", "conv") or s.fused:
+                raise ConfigError(f"lora_bias adds a bias to lora_B of whole linear and conv layers (as PEFT); {s.param} "
+                                  f"is {'a fused-block spec' if s.fused else f'a {s.kind} weight'}: leave it out, or use "
+                                  "lora_bias=False")
+            if s.bias is None:
+                raise ConfigError(f"lora_bias folds lora_B's bias into the layer's bias, and {s.param}'s layer adds "
+                                  "none (or is read as a weight): leave it out, or use lora_bias=False")
 
 
 def init_magnitudes(sites: list[Site], gm: nn.Module) -> dict[str, torch.Tensor]:
@@ -141,7 +155,8 @@ def check_magnitudes(magnitudes: dict[str, torch.Tensor], sites: list[Site]) -> 
 
 def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site], weights: Weights | None = None,
                 ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
-                magnitudes: dict[str, torch.Tensor] | None = None) -> Adapter:
+                magnitudes: dict[str, torch.Tensor] | None = None,
+                biases: dict[str, torch.Tensor] | None = None) -> Adapter:
     """An adapter over `sites`: ranks and alphas from `config` (its patterns) unless given per site,
     weights checked against them, or initialised as the paper does (A random, B zero); DoRA's
     magnitudes likewise."""
@@ -164,8 +179,15 @@ def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site],
     if config.use_dora:
         magnitudes = init_magnitudes(sites, gm) if magnitudes is None else magnitudes
         check_magnitudes(magnitudes, sites)
+    if config.lora_bias:  # zero at init, as PEFT's
+        like = {s.param: gm.get_parameter(s.param) for s in sites}
+        biases = {s.param: like[s.param].new_zeros(s.out_features) for s in sites} if biases is None else biases
+        bad = [s.param for s in sites if s.param not in biases or tuple(biases[s.param].shape) != (s.out_features,)]
+        if bad:
+            raise TargetError(f"{bad[0]}: lora_B bias does not fit this model (wrong base model?)")
     return Adapter(name, config, {s.param: ranks[s.param] for s in sites},
-                   {s.param: float(alphas[s.param]) for s in sites}, weights, magnitudes if config.use_dora else None)
+                   {s.param: float(alphas[s.param]) for s in sites}, weights, magnitudes if config.use_dora else None,
+                   biases if config.lora_bias else None)
 
 
 # ---------------------------------------------------------------------------------- the core
@@ -205,13 +227,13 @@ def relayout(gm: LoraGraphModule) -> dict[str, int]:
     adapters, or activating a set that does not fit, calls it."""
     state = gm.lora_state
     strip_lora(gm.graph)
-    dora = state.dora_sites()
+    dora, bias = state.dora_sites(), state.bias_sites()
     for site in state.sites.values():
         r, p = slot.needed_rank(state, site.param), slot.dropout_p(state, site.param)
         if not slot.fits(gm, state, site) or slot.rank_of(gm, site, state.slot) != r:
-            slot.install(gm, site, state.slot, r, p, gm.get_parameter(site.param), site.param in dora)
+            slot.install(gm, site, state.slot, r, p, gm.get_parameter(site.param), site.param in dora, site.param in bias)
     dropout = {param for param in state.sites if slot.dropout_p(state, param) > 0}
-    counts = insert_lora(gm, rematch(gm, list(state.sites.values())), state.slot, dropout, dora)
+    counts = insert_lora(gm, rematch(gm, list(state.sites.values())), state.slot, dropout, dora, bias)
     state.weight_form = weight_form_sites(gm.graph)
     gm.forget_variants()  # captures for other inputs are rebuilt on their next call
     slot.fill(gm, state)
@@ -235,6 +257,7 @@ def recapture_with_lora(primary: LoraGraphModule, inputs, kind: str | None = Non
         slot.share(primary, new, state)
         dropout = {p for p, s in state.sites.items() if slot.has_dropout(primary, s, state.slot)}
         dora = {p for p, s in state.sites.items() if slot.has_magnitude(primary, s, state.slot)}
-        insert_lora(new, rematch(new, list(state.sites.values())), state.slot, dropout, dora)
+        bias = {p for p, s in state.sites.items() if slot.lora_bias(primary, s, state.slot) is not None}
+        insert_lora(new, rematch(new, list(state.sites.values())), state.slot, dropout, dora, bias)
     new.lora_state = state
     return new

@@ -74,6 +74,24 @@ def _dora(w: torch.Tensor, site: Site, magnitude: torch.Tensor) -> torch.Tensor:
     return w * (magnitude.view(shape) / norm)
 
 
+def delta_bias(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor | None:
+    """What lora_bias adds to the layer's bias (scaling * lora_B's bias, fp32), or None when no
+    adapter folded has lora_bias. `adapters` as in `delta_weight`."""
+    state = gm.lora_state
+    if adapters is None:
+        bias = slot.lora_bias(gm, site, state.slot)
+        if bias is None:
+            return None
+        return bias.detach().float() * slot.tensors(gm, site, state.slot)[0][0].float()
+    total = None
+    for name, weight in adapter_mix(state, adapters).items():
+        adapter = state.adapters[name]
+        if adapter.config.lora_bias and site.param in adapter.ranks:
+            b = slot.read_biases(gm, state, name)[site.param].float() * (weight * adapter.scaling(site.param))
+            total = b if total is None else total + b
+    return total
+
+
 def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     """The LoRA update of one weight, in fp32, in W0's layout and full shape: W' - W0, with
     W' = W0 + scaling * B @ A (DoRA: rescaled per output by its magnitude).
@@ -162,6 +180,10 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
     for site in state.sites.values():
         _check_not_shared(gm.graph, feeds, site, names_by_param[id(gm.get_parameter(site.param))])
         folded[site.param] = folded_weight(gm, site, adapters)
+        extra = delta_bias(gm, site, adapters)
+        if extra is not None:  # lora_bias: into the layer's own bias, in fp32, rounded once
+            b0 = gm.get_parameter(site.bias)
+            folded[site.bias] = (b0.detach().float() + extra).to(b0.dtype)
     return folded
 
 

@@ -31,6 +31,7 @@ def inject_lora(
     target_parameters=None,
     use_rslora: bool = False,
     use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> LoraGraphModule:
     """Capture `model` and add LoRA beside every weight `targets` names.
 
@@ -44,6 +45,8 @@ def inject_lora(
     use_rslora: scaling = alpha / sqrt(rank) (rsLoRA), as PEFT's use_rslora.
     use_dora: DoRA (Liu et al., 2024), as PEFT's use_dora: a trained magnitude per output,
     W' = m * (W0 + scaling * B @ A) / ||W0 + scaling * B @ A||; folding gives the original graph again.
+    lora_bias: PEFT's lora_bias, a trained bias on lora_B (linear and conv layers that have a bias;
+    folding adds scaling * that bias to the layer's bias).
     Only LoRA weights (and the modules named in `trainable`, which are copied) require grad; base
     weights are shared with `model`, never copied; `model` itself is left as it was.
     The report of what was done is `gm.lora_report`.
@@ -54,7 +57,7 @@ def inject_lora(
     trainable = _as_names(trainable)
     config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable), dict(rank_pattern or {}),
                         dict(alpha_pattern or {}), None if target_parameters is None else tuple(spec.parameters),
-                        bool(use_rslora), bool(use_dora))
+                        bool(use_rslora), bool(use_dora), bool(lora_bias))
     gm = graph_to_adapt(model, example_inputs)
     exclude = output_layer(gm.capture_info.source)
     matches, near = match_weights(gm, spec, exclude=exclude)

@@ -376,6 +376,22 @@ def _layout(kind: str, p: torch.Tensor, uses: list[Use], module: nn.Module | Non
     return layout, int(in_f), int(out_f)
 
 
+def bias_arg(use: Use) -> torch.fx.Node | None:
+    """The bias node a product adds (its output minus the bias is W0 x), or None."""
+    args = use.node.args
+    if use.kind in ("linear", "conv"):
+        return args[2] if len(args) > 2 and isinstance(args[2], torch.fx.Node) else None
+    if use.kind == "addmm":
+        return args[0]
+    return None
+
+
+def _common_bias(uses: list[Use]) -> str | None:
+    """The parameter every use adds as its bias, or None (no bias, a weight-form use, or several)."""
+    targets = {b.target if (b := bias_arg(u)) is not None and b.op == "get_attr" else None for u in uses}
+    return targets.pop() if len(targets) == 1 else None
+
+
 def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses: list[Use], two_d_leaves: list[str],
           attention: set[str], by_parameter: bool) -> Site:
     """The site for weight `name`: its kind, layout, sizes, adapted row blocks, and where LoRA lives."""
@@ -398,7 +414,7 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
         # target, and PEFT's files spell its LoRA under base_layer
         owner, file_holder = parent, f"{parent}.base_layer.out_proj"
     return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
-                shape=tuple(p.shape), by_parameter=by_parameter)
+                shape=tuple(p.shape), by_parameter=by_parameter, bias=_common_bias(uses))
 
 
 def match_weights(

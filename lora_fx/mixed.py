@@ -103,6 +103,10 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     cap = gm.capture_info
     if cap is None or cap.positional or cap.example_inputs is None:
         raise ConfigError("mixed_adapters needs a graph captured with keyword inputs")
+    biased = [n for n in names if state.adapters[n].config.lora_bias]
+    if biased or (slots and state.bias_sites()):
+        raise ConfigError(f"mixed batches serve lora_A / lora_B banks; {biased or sorted(state.bias_sites())[:1]} have a "
+                          "lora_B bias (lora_bias). Serve them folded (merge_lora)")
     dora = [n for n in names if state.adapters[n].config.use_dora]
     if dora or (slots and state.dora_sites()):
         raise ConfigError(f"mixed batches sum per-row LoRA updates; DoRA adapters ({dora or sorted(state.dora_sites())[:1]}) "

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from .match import Match
-from .slot import LORA_A, LORA_B, dropout_path, magnitude_path, scale_path, weight_path
+from .match import Match, bias_arg
+from .slot import LORA_A, LORA_B, bias_path, dropout_path, magnitude_path, scale_path, weight_path
 from .state import Site
 
 aten = torch.ops.aten
@@ -55,7 +55,13 @@ class _Builder:
             return self._add(self.graph.call_module(path, args))
 
 
-def _branch(b: _Builder, site: Site, slot: str, x: torch.fx.Node, dropout: bool) -> torch.fx.Node:
+def _lora_bias(b: _Builder, site: Site, slot: str, scale: torch.fx.Node) -> torch.fx.Node:
+    """scaling * lora_B's bias (PEFT's lora_bias: the branch is scaling * lora_B(lora_A(x)), bias
+    included). A lora_bias adapter is active alone, so its scaling is rank row 0's."""
+    return b.call(aten.mul.Tensor, b.get_attr(bias_path(site, slot)), b.call(aten.select.int, scale, 0, 0))
+
+
+def _branch(b: _Builder, site: Site, slot: str, x: torch.fx.Node, dropout: bool, bias: bool = False) -> torch.fx.Node:
     """B @ (scale * A @ dropout(x)), zero-padded to the full output when only some rows adapt."""
     if dropout:
         x = b.module(dropout_path(site, slot), x)
@@ -64,21 +70,23 @@ def _branch(b: _Builder, site: Site, slot: str, x: torch.fx.Node, dropout: bool)
     for block in site.blocks:
         h = b.call(aten.linear.default, x, b.get_attr(weight_path(site, LORA_A, slot, block.index)))
         h = b.call(aten.mul.Tensor, h, scale)
-        h = b.call(aten.linear.default, h, b.get_attr(weight_path(site, LORA_B, slot, block.index)))
+        lora_b = b.get_attr(weight_path(site, LORA_B, slot, block.index))
+        h = b.call(aten.linear.default, h, lora_b, *([_lora_bias(b, site, slot, scale)] if bias else []))
         if site.fused:
             h = b.call(aten.constant_pad_nd.default, h, [block.start, site.out_features - block.stop])
         total = h if total is None else b.call(aten.add.Tensor, total, h)
     return total
 
 
-def _conv_branch(b: _Builder, site: Site, slot: str, use, dropout: bool) -> torch.fx.Node:
+def _conv_branch(b: _Builder, site: Site, slot: str, use, dropout: bool, bias: bool = False) -> torch.fx.Node:
     """PEFT's conv branch: conv_B(scale * conv_A(dropout(x))), conv_A with the layer's kernel,
     stride, padding and dilation and `rank` output channels, conv_B a 1x1 conv."""
     x = use.x
     if dropout:
         x = b.module(dropout_path(site, slot), x)
     n = len(site.shape) - 2
-    scale = b.call(aten.view.default, b.get_attr(scale_path(site, slot)), [-1] + [1] * n)
+    rows = b.get_attr(scale_path(site, slot))
+    scale = b.call(aten.view.default, rows, [-1] + [1] * n)
     a = b.get_attr(weight_path(site, LORA_A, slot, 0))
     args = list(use.node.args[3:6])
     if isinstance(args[1] if len(args) > 1 else None, str):  # padding="same" / "valid": the layer's own op
@@ -89,7 +97,8 @@ def _conv_branch(b: _Builder, site: Site, slot: str, use, dropout: bool) -> torc
                    False, [0] * n, 1)
     h = b.call(aten.mul.Tensor, h, scale)
     lora_b = b.get_attr(weight_path(site, LORA_B, slot, 0))
-    return b.call(aten.convolution.default, h, lora_b, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1)
+    bias_term = _lora_bias(b, site, slot, rows) if bias else None
+    return b.call(aten.convolution.default, h, lora_b, bias_term, [1] * n, [0] * n, [1] * n, False, [0] * n, 1)
 
 
 def _embedding_branch(b: _Builder, site: Site, slot: str, use) -> torch.fx.Node:
@@ -135,21 +144,12 @@ def _magnitude(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
     return b.call(aten.add.Tensor, b.call(aten.mul.Tensor, ratio, b.get_attr(f"{path}.on")), 1)
 
 
-def _bias(use) -> torch.fx.Node | None:
-    """The bias a product adds (its output minus the bias is W0 x), or None."""
-    if use.kind in ("linear", "conv"):
-        return use.node.args[2] if len(use.node.args) > 2 else None
-    if use.kind == "addmm":
-        return use.node.args[0]
-    return None
-
-
 def _dora(b: _Builder, site: Site, slot: str, use, delta: torch.fx.Node) -> torch.fx.Node:
     """DoRA on an activation: y0 + (mag - 1) * (y0 - bias) + mag * delta, i.e. mag * (W0 x + delta) + bias."""
     mag = _magnitude(b, site, slot)
     if use.kind == "conv":  # channels are dim 1 of a conv's output
         mag = b.call(aten.view.default, mag, [-1] + [1] * (len(site.shape) - 2))
-    base, bias = use.node, _bias(use)
+    base, bias = use.node, bias_arg(use)
     if bias is not None:
         if use.kind == "conv":
             bias = b.call(aten.view.default, bias, [-1] + [1] * (len(site.shape) - 2))
@@ -168,10 +168,11 @@ def _dora_weight(b: _Builder, site: Site, slot: str, w: torch.fx.Node) -> torch.
 
 
 def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropout: set[str],
-                dora: set[str] = frozenset()) -> Counter:
+                dora: set[str] = frozenset(), bias: set[str] = frozenset()) -> Counter:
     """Rewrite every use of every matched weight to read the LoRA slot named `slot`; returns how many
     uses of each kind were rewritten. `dropout` names the sites (by weight) whose LoRA input goes
-    through the slot's dropout module, `dora` those with DoRA's magnitude."""
+    through the slot's dropout module, `dora` those with DoRA's magnitude, `bias` those whose lora_B
+    has a bias."""
     counts: Counter = Counter()
     graph = gm.graph
     # where each product reads its activation: rewriting one use rewires the next one's input (a
@@ -189,11 +190,11 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
             b = _Builder(graph, use.node, tag)
             use = replace(use, x=use.node.args[x_at[id(use)]])
             if use.kind == "conv":
-                delta = _conv_branch(b, site, slot, use, site.param in dropout)
+                delta = _conv_branch(b, site, slot, use, site.param in dropout, site.param in bias)
             elif use.kind == "embedding":
                 delta = _embedding_branch(b, site, slot, use)
             else:
-                delta = _branch(b, site, slot, use.x, site.param in dropout)
+                delta = _branch(b, site, slot, use.x, site.param in dropout, site.param in bias)
             if site.param in dora:
                 delta = _dora(b, site, slot, use, delta)
             out = b.call(aten.add.Tensor, use.node, delta, role="combine")

@@ -7,6 +7,7 @@ Per adapted weight (a site) the graph holds one slot, named after the first adap
     <holder>.lora_scaling.<slot>.scale   [R]        alpha / rank of the adapter owning each row; 0 if unused
     <holder>.lora_dropout.<slot>         nn.Dropout, when an adapter on the site has LoRA dropout
     <holder>.lora_magnitude_vector.<slot>.weight  [out]   DoRA's magnitude, when an adapter on the site is DoRA
+    <holder>.lora_B.<slot>.bias          [out]      lora_B's bias, when an adapter on the site has lora_bias
 
 R is the rank the active adapters need side by side (at least the largest adapter's). Activating
 adapters copies their weights into the slot in place, zero-padded (which is exact), so switching needs
@@ -28,22 +29,27 @@ from .state import Adapter, LoraState, Site, Weights
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 LORA_M = "lora_magnitude_vector"  # DoRA's magnitude (PEFT's name)
+LORA_BIAS = "lora_bias"  # lora_B's bias (PEFT's lora_bias): `<holder>.lora_B.<slot>.bias`
 EMBEDDING = {LORA_A: "lora_embedding_A", LORA_B: "lora_embedding_B"}  # PEFT's names on nn.Embedding
 FILE_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
 _MODULE_NAME = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB]|lora_magnitude_vector)\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
 _FILE_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])(?:\.block(?P<block>\d+))?\.weight$")
+_BIAS_NAME = re.compile(r"^(?P<holder>.+)\.lora_B\.(?P<slot>[^.]+)\.bias$")
+_BIAS_KEY = re.compile(r"^(?P<holder>.+)\.lora_B\.bias$")
 _EMBEDDING_KEY = re.compile(r"^(?P<holder>.+)\.lora_embedding_(?P<which>[AB])$")
 _MAGNITUDE_KEY = re.compile(r"^(?P<holder>.+)\.lora_magnitude_vector$")
 _SCALE_NAME = re.compile(r"^(?P<holder>.+)\.lora_scaling\.(?P<slot>[^.]+)\.scale$")
 
 
 class LoraWeight(nn.Module):
-    """A LoRA factor that is not an nn.Linear's weight (conv, embedding, experts): one `weight`."""
+    """A LoRA factor that is not an nn.Linear's weight (conv, embedding, experts): one `weight`, and
+    for a lora_B with lora_bias a `bias`."""
 
-    def __init__(self, shape: tuple[int, ...], device=None, dtype=None):
+    def __init__(self, shape: tuple[int, ...], device=None, dtype=None, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(shape[0], device=device, dtype=dtype)) if bias else None
 
 
 class LoraMagnitude(nn.Module):
@@ -80,6 +86,11 @@ def dropout_path(site: Site, slot: str) -> str:
     return f"{site.holder}.lora_dropout.{slot}"
 
 
+def bias_path(site: Site, slot: str) -> str:
+    """lora_B's bias (lora_bias): `<holder>.lora_B.<slot>.bias`."""
+    return f"{site.holder}.{LORA_B}.{slot}.bias"
+
+
 def magnitude_path(site: Site, slot: str) -> str:
     """DoRA's LoraMagnitude module of a site: `<holder>.lora_magnitude_vector.<slot>`."""
     return f"{site.holder}.{LORA_M}.{slot}"
@@ -108,7 +119,9 @@ class LoraName:
     @property
     def module_name(self) -> str:
         """The slot-free name as a graph module spells it (`<holder>.lora_A[.block<i>].weight`, an
-        embedding's too): what a multi-adapter export calls the weight."""
+        embedding's too; `<holder>.lora_B.bias`): what a multi-adapter export calls the weight."""
+        if self.which == LORA_BIAS:
+            return f"{self.holder}.{LORA_B}.bias"
         return f"{self.holder}.{self.which}{'' if self.block is None else f'.block{self.block}'}.weight"
 
     def matches(self, site: Site, holder: str) -> bool:
@@ -127,6 +140,9 @@ def _name(m: re.Match | None, slot: bool) -> LoraName | None:
 
 def parse_name(name: str) -> LoraName | None:
     """A graph module's LoRA weight name (`...q_proj.lora_A.default.weight`) taken apart, or None."""
+    m = _BIAS_NAME.match(name)
+    if m is not None:
+        return LoraName(m["holder"], LORA_BIAS, m["slot"], None)
     return _name(_MODULE_NAME.match(name), slot=True)
 
 
@@ -146,6 +162,9 @@ def parse_file_key(key: str) -> LoraName | None:
     m = _MAGNITUDE_KEY.match(key[len(FILE_PREFIX):])
     if m is not None:
         return LoraName(m["holder"], LORA_M, None, None)
+    m = _BIAS_KEY.match(key[len(FILE_PREFIX):])
+    if m is not None:
+        return LoraName(m["holder"], LORA_BIAS, None, None)
     return parse_slot_free(key[len(FILE_PREFIX):])
 
 
@@ -260,17 +279,24 @@ def has_magnitude(gm: nn.Module, site: Site, slot: str) -> bool:
     return magnitude(gm, site, slot) is not None
 
 
+def lora_bias(gm: nn.Module, site: Site, slot: str) -> nn.Parameter | None:
+    """lora_B's bias of a site's slot, or None."""
+    b = resolve(gm, weight_path(site, LORA_B, slot, 0).rpartition(".")[0])
+    return getattr(b, "bias", None)
+
+
 def fits(gm: nn.Module, state: LoraState, site: Site) -> bool:
     """Whether the slot of `site` has the rows, the dropout module and the DoRA magnitude the adapters need."""
     return (rank_of(gm, site, state.slot) >= needed_rank(state, site.param)
             and has_dropout(gm, site, state.slot) == (dropout_p(state, site.param) > 0)
-            and has_magnitude(gm, site, state.slot) == (site.param in state.dora_sites()))
+            and has_magnitude(gm, site, state.slot) == (site.param in state.dora_sites())
+            and (lora_bias(gm, site, state.slot) is not None) == (site.param in state.bias_sites()))
 
 
 def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, like: torch.Tensor,
-            dora: bool = False) -> None:
+            dora: bool = False, bias: bool = False) -> None:
     """Create (or resize) a site's slot: zero lora_A / lora_B of `rank` rows, zero scaling, a
-    dropout module when `dropout` > 0, and DoRA's magnitude when `dora`."""
+    dropout module when `dropout` > 0, DoRA's magnitude when `dora`, lora_B's bias when `bias`."""
     kw = dict(bias=False, device=like.device, dtype=like.dtype)
 
     def holder(which):
@@ -280,17 +306,18 @@ def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, lik
             set_module(gm, f"{site.holder}.{which}", found)
         return found
 
-    def zero_linear(n_in, n_out):  # nn.Linear for PEFT's layout, without a random init to throw away
-        m = nn.utils.skip_init(nn.Linear, n_in, n_out, **kw)
-        nn.init.zeros_(m.weight)
+    def zero_linear(n_in, n_out, bias=False):  # nn.Linear for PEFT's layout, without a random init to throw away
+        m = nn.utils.skip_init(nn.Linear, n_in, n_out, **{**kw, "bias": bias})
+        for p in m.parameters():
+            nn.init.zeros_(p)
         return m
 
     if site.kind == "linear":  # PEFT's nn.Linear pair
         a_mods = {f"block{b.index}": zero_linear(site.in_features, rank) for b in site.blocks}
-        b_mods = {f"block{b.index}": zero_linear(rank, b.stop - b.start) for b in site.blocks}
+        b_mods = {f"block{b.index}": zero_linear(rank, b.stop - b.start, bias) for b in site.blocks}
     else:
         a_mods = {"block0": LoraWeight(site.a_shape(rank), like.device, like.dtype)}
-        b_mods = {"block0": LoraWeight(site.b_shape(site.out_features, rank), like.device, like.dtype)}
+        b_mods = {"block0": LoraWeight(site.b_shape(site.out_features, rank), like.device, like.dtype, bias)}
     holder(LORA_A)[slot] = nn.ModuleDict(a_mods) if site.fused else a_mods["block0"]
     holder(LORA_B)[slot] = nn.ModuleDict(b_mods) if site.fused else b_mods["block0"]
     holder("lora_scaling")[slot] = LoraScaling(rank, device=like.device, dtype=like.dtype)
@@ -349,9 +376,18 @@ def read_magnitudes(gm: nn.Module, state: LoraState, name: str) -> dict[str, tor
     return {p: magnitude(gm, state.sites[p], state.slot).weight.detach().clone() for p in adapter.ranks}
 
 
+def read_biases(gm: nn.Module, state: LoraState, name: str) -> dict[str, torch.Tensor] | None:
+    """lora_bias adapter `name`'s lora_B biases (copies out of the slots when active), None without."""
+    adapter = state.adapter(name)
+    if not adapter.config.lora_bias or name not in state.active:
+        return adapter.biases
+    return {p: lora_bias(gm, state.sites[p], state.slot).detach().clone() for p in adapter.ranks}
+
+
 def write_back(gm: nn.Module, state: LoraState) -> None:
     """Move the active adapters' weights out of the slots into their own copies (before the slots change)."""
     for name in state.active:
+        state.adapters[name].biases = read_biases(gm, state, name)
         state.adapters[name].magnitudes = read_magnitudes(gm, state, name)
         state.adapters[name].weights = read(gm, state, name)
 
@@ -383,9 +419,16 @@ def fill(gm: nn.Module, state: LoraState) -> None:
                 m.on.fill_(1.0 if dora else 0.0)
                 if dora:
                     m.weight.copy_(dora[0].magnitudes[param])
+            bias = lora_bias(gm, site, state.slot)
+            if bias is not None:
+                bias.zero_()
+                biased = [a for a, _ in placed if a.config.lora_bias]  # at most one, and alone (row 0 holds its scale)
+                if biased:
+                    bias.copy_(biased[0].biases[param])
     for name in state.active:
         state.adapters[name].weights = None
         state.adapters[name].magnitudes = None
+        state.adapters[name].biases = None
 
 
 def scales(gm: nn.Module, state: LoraState) -> list[torch.Tensor]:

@@ -53,6 +53,7 @@ class Site:
     kind: str = "linear"  # "linear" | "conv" | "embedding" | "experts"
     shape: tuple[int, ...] = ()  # the weight's shape
     by_parameter: bool = False  # named by parameter path (PEFT's target_parameters), not by module
+    bias: str | None = None  # the bias parameter every product of this weight adds (where lora_bias folds)
 
     @property
     def file_path(self) -> str:
@@ -115,6 +116,7 @@ class LoraConfig:
     target_parameters: tuple[str, ...] | None = None  # PEFT's target_parameters (MoE expert stacks, ...)
     use_rslora: bool = False  # scaling = alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     use_dora: bool = False  # DoRA: W' = m * (W0 + scaling * B @ A) / ||W0 + scaling * B @ A|| (per output)
+    lora_bias: bool = False  # PEFT's lora_bias: lora_B has a bias too, folded into the layer's bias
 
 
 @dataclass
@@ -127,6 +129,8 @@ class Adapter:
     weights: Weights | None
     # DoRA's magnitude per site ([out]), None while active (in the slots) or without DoRA
     magnitudes: dict[str, torch.Tensor] | None = None
+    # lora_B's bias per site ([out]), None while active (in the slots) or without lora_bias
+    biases: dict[str, torch.Tensor] | None = None
 
     def scaling(self, param: str) -> float:
         """alpha / rank of this adapter on one site (the paper's scaling; alpha / sqrt(rank) with rsLoRA)."""
@@ -178,7 +182,13 @@ class LoraState:
                 adapter.weights = {p: [(fn(a), fn(b)) for a, b in pairs] for p, pairs in adapter.weights.items()}
             if adapter.magnitudes is not None:
                 adapter.magnitudes = {p: fn(m) for p, m in adapter.magnitudes.items()}
+            if adapter.biases is not None:
+                adapter.biases = {p: fn(b) for p, b in adapter.biases.items()}
 
     def dora_sites(self) -> set[str]:
         """Sites (weight names) some DoRA adapter adapts: their graph carries DoRA's magnitude."""
         return {p for a in self.adapters.values() if a.config.use_dora for p in a.ranks}
+
+    def bias_sites(self) -> set[str]:
+        """Sites some lora_bias adapter adapts: their lora_B has a bias."""
+        return {p for a in self.adapters.values() if a.config.lora_bias for p in a.ranks}

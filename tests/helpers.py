@@ -116,7 +116,8 @@ class Built:
 
     def inject(self, **kw):
         return lora_fx.inject_lora(self.base, self.case.targets, rank=4, alpha=8, trainable=self.case.trainable,
-                                   target_parameters=self.case.parameters, use_dora=self.case.dora, **kw)
+                                   target_parameters=self.case.parameters, use_dora=self.case.dora,
+                                   lora_bias=self.case.lora_bias, **kw)
 
     def random_b(self):
         """An injected graph with random A and B (built once; tests must not change it)."""

@@ -71,6 +71,7 @@ class Case:
     parameters: tuple | None = None  # target_parameters (MoE expert stacks)
     onnx: bool = True  # torch's ONNX exporter handles the model
     dora: bool = False  # inject with use_dora
+    lora_bias: bool = False  # inject with lora_bias
 
     def batch(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -188,6 +189,12 @@ CASES = [
     Case("conv-dora", ConvNet, ["stem", "same", "point", "seq", "vol"], inputs="pixels",
          peft=dict(target_modules=["stem", "same", "point", "seq", "vol"], use_dora=True), expect={"conv": 5}, dora=True),
     Case("conv-dora-grouped", ConvNet, ["grouped", "dilated"], inputs="pixels", expect={"conv": 1, "weight": 1}, dora=True),
+    # PEFT's lora_bias: a bias on lora_B, folded into the layer's bias
+    Case("bert-lora-bias", _hf("BertForSequenceClassification", "BertConfig", **_encoder),
+         ["query", "value"], peft=dict(target_modules=["query", "value"], lora_bias=True), expect={"linear": 4},
+         lora_bias=True),
+    Case("conv-lora-bias", ConvNet, ["stem", "point", "seq", "vol"], inputs="pixels",
+         peft=dict(target_modules=["stem", "point", "seq", "vol"], lora_bias=True), expect={"conv": 4}, lora_bias=True),
     # a diffusion UNet (diffusers): attention projections and the resnets' convs
     Case("unet", _unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], inputs="latents",
          peft=dict(target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]), has_dropout=False,

@@ -332,3 +332,29 @@ def test_two_adapters_of_other_ranks_switch_and_sum(row):
         lora_fx.set_adapter(gm, "a")
         assert max_abs(gm(**batch), lora_fx.merge_lora(gm, "a")(**batch)) <= 1e-5
         assert max_abs(lora_fx.merge_lora(gm, "a")(**batch), lora_fx.merge_lora(gm, "b")(**batch)) > 1e-4
+
+
+# ------------------------------------------------------------------------------- lora_bias
+def test_lora_bias_needs_a_bias_to_fold_into_and_is_active_alone():
+    from helpers import tiny_llama
+
+    llama, ids = tiny_llama(), token_ids()
+    with pytest.raises(lora_fx.ConfigError, match="q_proj.weight's layer adds none"):
+        lora_fx.inject_lora(llama, ["q_proj"], lora_bias=True, example_inputs=ids)
+    with pytest.raises(lora_fx.ConfigError, match="embedding weight"):
+        lora_fx.inject_lora(llama, ["embed_tokens"], lora_bias=True, example_inputs=ids)
+    model, ids = tiny_gpt2(), token_ids()
+    gm = lora_fx.inject_lora(model, ["c_attn"], rank=2, lora_bias=True, example_inputs=ids, adapter="biased")
+    randomize_lora(gm, seed=1)
+    lora_fx.add_adapter(gm, "plain", rank=2)
+    with pytest.raises(lora_fx.ConfigError, match="lora_B bias .* activate it alone"):
+        lora_fx.set_adapter(gm, ["biased", "plain"])
+    with torch.no_grad():
+        biased = gm(**ids)
+        folded = lora_fx.merge_lora(gm)
+        assert max_abs(folded(**ids), biased) <= 1e-5
+        lora_fx.set_adapter(gm, "plain")  # its lora_B has no bias: the slot's bias is zero
+        assert max_abs(gm(**ids), model(**ids)) <= 1e-6
+        lora_fx.set_adapter(gm, "biased")
+        assert max_abs(gm(**ids), biased) == 0
+    assert lora_fx.graph_diff(lora_fx.capture(model, ids), folded).identical

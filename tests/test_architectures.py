@@ -120,6 +120,9 @@ def test_unfolded_equals_the_definition(built):
     with torch.no_grad():
         for site in gm.lora_state.sites.values():
             reference.get_parameter(site.param).add_(lora_fx.delta_weight(gm, site))
+            bias = lora_fx.delta_bias(gm, site)  # lora_bias: scaling * lora_B's bias, on the layer's bias
+            if bias is not None:
+                reference.get_parameter(site.bias).add_(bias)
         for name, p in gm.named_parameters():
             if p.requires_grad and name not in lora:
                 reference.get_parameter(name).copy_(p)

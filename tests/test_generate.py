@@ -28,7 +28,7 @@ def test_merge_and_unload_is_the_model_class_with_the_fold(built, tmp_path):
     folded = built.folded()
     with torch.no_grad():  # the same weights (eager nn.MultiheadAttention takes another kernel: 1e-6)
         assert max_abs(merged(**built.batch), folded(**built.batch)) <= 1e-5
-    adapted = set(gm.lora_state.sites)
+    adapted = set(gm.lora_state.sites) | {s.bias for s in gm.lora_state.sites.values() if lora_fx.delta_bias(gm, s) is not None}
     for name, p in built.model.named_parameters():
         mine = merged.get_parameter(name)
         if name in adapted:
