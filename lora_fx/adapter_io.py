@@ -39,7 +39,7 @@ MAX_CONFIG_BYTES = 1 << 20
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
         "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters", "use_dora",
-        "lora_bias"}
+        "lora_bias", "lora_fx_grouped_convs"}
 IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
            "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
            "qalora_group_size", "lora_ga_config"}
@@ -173,7 +173,7 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
         "rank_pattern": {re.escape(s.owner): adapter.ranks[s.param] for s in modules if adapter.ranks[s.param] != r},
         "alpha_pattern": {re.escape(s.owner): adapter.alphas[s.param] for s in modules if adapter.alphas[s.param] != alpha},
         "modules_to_save": list(state.trainable_modules) or None,
-        "fan_in_fan_out": any(s.kind == "linear" and s.layout == "in_out" for s in sites),
+        "fan_in_fan_out": any(s.kind == "linear" and not s.by_parameter and s.layout == "in_out" for s in sites),
         # PEFT loads a lora_bias adapter only with init_lora_weights True or False (the init is spent anyway)
         "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" and not adapter.config.lora_bias else True,
         "bias": "none", "use_rslora": adapter.config.use_rslora, "use_dora": adapter.config.use_dora,
@@ -187,6 +187,9 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
     blocks = {s.owner: _block_spec(s) for s in sites if s.fused}
     if blocks:  # not representable in PEFT: only lora-fx reads these adapters
         config["lora_fx_blocks"] = blocks
+    grouped = sorted(s.owner for s in sites if s.groups > 1)
+    if grouped:  # an update of the grouped weight: PEFT's grouped-conv LoRA is another function
+        config["lora_fx_grouped_convs"] = grouped
     return config
 
 

@@ -79,9 +79,12 @@ def check_weights(weights: Weights, sites: list[Site], ranks: dict[str, int]) ->
         for block, (a, b) in zip(site.blocks, pairs):
             want_a, want_b = site.a_shape(r), site.b_shape(block.stop - block.start, r)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                grouped = (f"; {param} is a conv with groups={site.groups}: PEFT's grouped-conv LoRA (lora_A over all "
+                           "input channels) is another function than an update of the grouped weight, which is what "
+                           "lora-fx trains and loads" if site.groups > 1 else "")
                 raise TargetError(
                     f"{param}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit this model, which "
-                    f"needs {want_a} / {want_b} (wrong base model, or wrong rank?)"
+                    f"needs {want_a} / {want_b} (wrong base model, or wrong rank?){grouped}"
                 )
 
 
@@ -120,9 +123,10 @@ def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[t
 
 
 def _check_dora(config: LoraConfig, sites: list[Site]) -> None:
-    refused = [s for s in sites if s.kind == "experts" or s.fused]
+    refused = [s for s in sites if s.kind == "experts" or s.fused or s.by_parameter]
     if config.use_dora and refused:
-        what = "an expert stack" if refused[0].kind == "experts" else "a fused-block spec"
+        what = ("an expert stack" if refused[0].kind == "experts" else "a fused-block spec" if refused[0].fused
+                else "named by parameter (PEFT's target_parameters take no DoRA)")
         raise ConfigError(f"DoRA needs one magnitude per output of a whole weight; {refused[0].param} is {what}. "
                           "Leave it out of this adapter's targets, or use plain LoRA (use_dora=False)")
     if config.lora_bias:

@@ -268,7 +268,8 @@ def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
     for site in sites:
         names = names_by_param.get(id(gm.get_parameter(site.param)), [site.param])
         uses, tables, left_alone = _uses(get_attrs, names, site.owner)
-        uses = kind_uses(site.kind, uses, tables, [n for alias in names for n in get_attrs.get(alias, [])])
+        nodes = [n for alias in names for n in get_attrs.get(alias, [])]
+        uses = parameter_uses(nodes) if site.by_parameter else kind_uses(site.kind, uses, tables, nodes)
         if uses:
             matches.append(Match(site, uses, left_alone))
     return matches
@@ -284,6 +285,12 @@ def kind_uses(kind: str, uses: list[Use], tables: list[torch.fx.Node], nodes: li
     if kind == "experts":  # whatever reads the stack (a transpose into a grouped mm, index + bmm) gets W + update
         return [Use(user, "weight", weight=w) for w in nodes for user in list(w.users)]
     return uses
+
+
+def parameter_uses(nodes: list[torch.fx.Node]) -> list[Use]:
+    """Every reader of a weight named by parameter path gets W + update (PEFT's ParamWrapper), so the
+    update is in the parameter's own layout whatever the product."""
+    return [Use(user, "weight", weight=w) for w in nodes for user in list(w.users)]
 
 
 @dataclass(frozen=True)
@@ -362,15 +369,19 @@ def _kind(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables:
     return "linear"
 
 
-def _layout(kind: str, p: torch.Tensor, uses: list[Use], module: nn.Module | None) -> tuple[str, int, int]:
+def _layout(kind: str, p: torch.Tensor, uses: list[Use], module: nn.Module | None,
+            by_parameter: bool = False) -> tuple[str, int, int]:
     """(layout, in_features, out_features) of a weight of `kind`, read as the matrix LoRA factors."""
     if kind == "conv":  # [out, in/groups, *kernel]
         return "out_in", int(math.prod(p.shape[1:])), int(p.shape[0])
     if kind == "embedding":  # [num, dim]: a lookup is x_onehot @ W, so W is [in, out]
         return "in_out", int(p.shape[0]), int(p.shape[1])
-    if kind == "experts":  # transformers marks [E, in, out] storage (gpt-oss) with is_transposed
+    if kind == "experts" or by_parameter:
+        # PEFT's ParamWrapper reads a targeted parameter as [.., out, in] unless its module says
+        # is_transposed (transformers' [E, in, out] expert storage, gpt-oss), however it is used
         transposed = bool(getattr(module, "is_transposed", False))
-        return ("in_out", int(p.shape[1]), int(p.shape[2])) if transposed else ("out_in", int(p.shape[2]), int(p.shape[1]))
+        d0, d1 = int(p.shape[-2]), int(p.shape[-1])
+        return ("in_out", d0, d1) if transposed else ("out_in", d1, d0)
     layout = next((u.layout for u in uses if u.layout), "out_in")  # weight-form uses only: PyTorch's [out, in]
     out_f, in_f = (p.shape[0], p.shape[1]) if layout == "out_in" else (p.shape[1], p.shape[0])
     return layout, int(in_f), int(out_f)
@@ -399,7 +410,7 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
     p = gm.get_parameter(name)
     cap = getattr(gm, "capture_info", None)
     module = cap.source.get_submodule(owner) if cap is not None and cap.source is not None and owner else None
-    layout, in_f, out_f = _layout(kind, p, uses, module)
+    layout, in_f, out_f = _layout(kind, p, uses, module, by_parameter)
     if kind != "linear" and key in spec.blocks and spec.blocks[key] is not True:
         raise ConfigError(f"fused-block specs split the rows of linear weights; {name} is a {kind} weight: "
                           f"target it by name instead")
@@ -413,8 +424,9 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
         # PEFT adapts an nn.MultiheadAttention as a whole: out_proj belongs to the attention's
         # target, and PEFT's files spell its LoRA under base_layer
         owner, file_holder = parent, f"{parent}.base_layer.out_proj"
+    groups = max((u.node.args[6] for u in uses if u.node.target in CONV_OPS and len(u.node.args) > 6), default=1)
     return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
-                shape=tuple(p.shape), by_parameter=by_parameter, bias=_common_bias(uses))
+                shape=tuple(p.shape), by_parameter=by_parameter, bias=_common_bias(uses), groups=int(groups))
 
 
 def match_weights(
@@ -457,7 +469,8 @@ def match_weights(
                 continue
             if tables and kind == "linear":
                 near.append(NearMiss(key, name, f"is also read as a table by {tables[0].target}; that read is left unadapted"))
-            uses = kind_uses(kind, uses, tables, [n for alias in names for n in get_attrs.get(alias, [])])
+            nodes = [n for alias in names for n in get_attrs.get(alias, [])]
+            uses = parameter_uses(nodes) if by_parameter else kind_uses(kind, uses, tables, nodes)
             site = _site(gm, spec, key, name, kind, uses, two_d.get(_owner(name)[0], []), attention, by_parameter is not None)
             matches.append(Match(site, uses, left_alone))
             adapted.add(key)

@@ -54,6 +54,7 @@ class Site:
     shape: tuple[int, ...] = ()  # the weight's shape
     by_parameter: bool = False  # named by parameter path (PEFT's target_parameters), not by module
     bias: str | None = None  # the bias parameter every product of this weight adds (where lora_bias folds)
+    groups: int = 1  # a grouped convolution's groups
 
     @property
     def file_path(self) -> str:

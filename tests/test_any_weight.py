@@ -358,3 +358,36 @@ def test_lora_bias_needs_a_bias_to_fold_into_and_is_active_alone():
         lora_fx.set_adapter(gm, "biased")
         assert max_abs(gm(**ids), biased) == 0
     assert lora_fx.graph_diff(lora_fx.capture(model, ids), folded).identical
+
+
+def test_parameter_target_is_read_as_peft_reads_it(tmp_path):
+    """target_parameters on a plain [in, out] parameter used as `x @ W`: PEFT's ParamWrapper reads
+    any targeted parameter as [out, in] (W + scaling * B @ A in its own layout); so does lora-fx,
+    and the files go both ways."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    class XW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Module()
+            self.lin.weight = nn.Parameter(torch.randn(10, 20))
+            self.head = nn.Linear(20, 2)
+
+        def forward(self, x):
+            return self.head(x @ self.lin.weight)
+
+    model, x = XW().eval(), torch.randn(4, 10)
+    gm = lora_fx.inject_lora(model, target_parameters=["lin.weight"], rank=3, example_inputs=(x,))
+    assert gm.lora_report.counters == {"weight": 1}
+    (a, b), = lora_fx.adapter_weights(gm)["lin.weight"]
+    assert a.shape == (3, 20) and b.shape == (10, 3)  # PEFT's: A [r, d1], B [d0, r]
+    randomize_lora(gm)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), lora_fx.save_adapter(gm, tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert max_abs(peft_model(x), gm(x)) <= 1e-5
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=3, target_modules=[], target_parameters=["lin.weight"],
+                                                             init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    again = lora_fx.load_adapter(model, tmp_path / "peft", example_inputs=(x,))
+    with torch.no_grad():
+        assert max_abs(again(x), theirs(x)) <= 1e-5 and max_abs(again(x), model(x)) > 1e-4
