@@ -366,15 +366,21 @@ def test_parameter_target_is_read_as_peft_reads_it(tmp_path):
     and the files go both ways."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    class ParamLinear(nn.Module):  # PEFT's test model: it applies LoRA while the module runs
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(10, 20))
+
+        def forward(self, x):
+            return x @ self.weight
+
     class XW(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Module()
-            self.lin.weight = nn.Parameter(torch.randn(10, 20))
-            self.head = nn.Linear(20, 2)
+            self.lin, self.head = ParamLinear(), nn.Linear(20, 2)
 
         def forward(self, x):
-            return self.head(x @ self.lin.weight)
+            return self.head(self.lin(x))
 
     model, x = XW().eval(), torch.randn(4, 10)
     gm = lora_fx.inject_lora(model, target_parameters=["lin.weight"], rank=3, example_inputs=(x,))
