@@ -13,6 +13,7 @@ find them.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import replace
 
@@ -167,6 +168,20 @@ def _dora_weight(b: _Builder, site: Site, slot: str, w: torch.fx.Node) -> torch.
     return b.call(aten.sub.Tensor, adapted, w)
 
 
+# A small conv trains faster with its update on the weight, conv(x, W0 + s*B@A), than with PEFT's
+# branch conv_B(conv_A(x)): narrow r-channel convs run slowly, and a small weight's gradient is cheap.
+# Measured (CPU, 2 threads; Conv2d, Cin = Cout in 16..512, k in 1, 3, H in 8..64, batch 1 and 8,
+# r 8 and 32, fwd + bwd): "weight iff Cout * Cin/groups * k*k <= 65536" picks the faster form in 113
+# of 128 cases (worst miss 1.51x); always-branch (PEFT's) picks it in 55 (worst 4.15x).
+CONV_WEIGHT_FORM_MAX = 65536
+
+
+def conv_on_weight(site: Site, needs_branch: bool) -> bool:
+    """Whether a (dense) conv's update goes on its weight rather than on a branch. LoRA dropout and
+    lora_bias act on the branch, so they keep it."""
+    return not needs_branch and math.prod(site.shape) <= CONV_WEIGHT_FORM_MAX
+
+
 def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropout: set[str],
                 dora: set[str] = frozenset(), bias: set[str] = frozenset()) -> Counter:
     """Rewrite every use of every matched weight to read the LoRA slot named `slot`; returns how many
@@ -186,6 +201,10 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
             if use.kind == "weight":
                 by_weight.setdefault(use.weight, []).append(use.node)
                 counts["weight"] += 1
+                continue
+            if use.kind == "conv" and conv_on_weight(site, site.param in dropout or site.param in bias):
+                by_weight.setdefault(use.node.args[1], []).append(use.node)
+                counts["conv"] += 1
                 continue
             b = _Builder(graph, use.node, tag)
             use = replace(use, x=use.node.args[x_at[id(use)]])

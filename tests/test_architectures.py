@@ -142,4 +142,4 @@ def test_same_as_peft(built):
     result = set_peft_model_state_dict(peft_model, lora_fx.adapter_file(gm).tensors())
     assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys, result
     with torch.no_grad():
-        assert max_abs(gm(**built.batch), peft_forward(peft_model, built.batch)) <= 1e-6
+        assert max_abs(gm(**built.batch), peft_forward(peft_model, built.batch)) <= 1e-5
