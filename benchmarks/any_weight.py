@@ -5,12 +5,8 @@ PEFT, training and inference, one interleaved run per row, on the CPU.
 
 --quick: 2 rounds of 1 call, prints the tables and writes nothing.
 
-The UNet row needs diffusers, which the venv does not carry; install it aside and point the script there:
-
-    .venv/bin/pip install --target /tmp/bench_site --no-deps diffusers==0.42.1 importlib_metadata zipp lazy_importer
-    LORA_FX_BENCH_SITE=/tmp/bench_site python benchmarks/any_weight.py
-
-(without diffusers the row is skipped). Rows: a ResNet-style conv net (every Conv2d), a small
+The UNet row needs diffusers (in the `test` extra, so `make` installs it; LORA_FX_BENCH_SITE may point
+to another site that has it). (without diffusers the row is skipped). Rows: a ResNet-style conv net (every Conv2d), a small
 diffusers UNet2DConditionModel (attention projections and resnet convs), a Llama with LoRA on the
 input embedding, a tiny Mixtral with LoRA on the expert stacks (target_parameters). LoRA r=8, alpha 16,
 dropout 0, the same A and B in lora-fx and PEFT (random B, copied through PEFT's state dict), PEFT on a
@@ -21,8 +17,9 @@ untouched eager model (twice: the spread of the two is the noise of the run) and
 (merge_and_unload). One-off wall times (perf_counter): inject_lora (including its torch.export
 capture), lora_fx.capture, merge_lora, get_peft_model and merge_and_unload (these two: median of 3).
 A last table times, in plain torch, the two ways of putting LoRA on one Conv2d: (a) the activation
-branch conv(x, W) + convB(convA(x)) * s (PEFT's, and lora-fx's for ungrouped convs) against (b) the
-weight delta conv(x, W + s * (B @ A).view(W.shape)) (lora-fx's for grouped convs).
+branch conv(x, W) + convB(convA(x)) * s (PEFT's; lora-fx's for large dense convs) against (b) the
+weight delta conv(x, W + s * (B @ A).view(W.shape)) (lora-fx's for grouped convs and for dense ones
+with Cout * Cin * k * k <= 65536, lora_fx.rewrite.CONV_WEIGHT_FORM_MAX).
 """
 from __future__ import annotations
 
