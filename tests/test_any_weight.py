@@ -397,3 +397,33 @@ def test_parameter_target_is_read_as_peft_reads_it(tmp_path):
     again = lora_fx.load_adapter(model, tmp_path / "peft", example_inputs=(x,))
     with torch.no_grad():
         assert max_abs(again(x), theirs(x)) <= 1e-5 and max_abs(again(x), model(x)) > 1e-4
+
+
+def test_conv_forms_follow_the_weight_size(tmp_path):
+    """A large conv trains on PEFT's branch, a small one on its weight (unless dropout needs the
+    branch); both, plain and DoRA, equal PEFT and fold back to the original graph."""
+    from peft import PeftModel
+
+    class Convs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Conv2d(64, 128, 3, padding=1)  # 73728 weights: the branch
+            self.small = nn.Conv2d(128, 8, 3, padding=1)  # 9216: the weight
+
+        def forward(self, x):
+            return self.small(torch.relu(self.big(x)))
+
+    model, x = Convs().eval(), torch.randn(2, 64, 8, 8)
+    base = lora_fx.capture(model, (x,))
+    for dora in (False, True):
+        gm = lora_fx.inject_lora(base, ["big", "small"], rank=4, use_dora=dora)
+        assert gm.lora_state.weight_form == {"small.weight"}, gm.lora_state.weight_form
+        randomize_lora(gm)
+        theirs = PeftModel.from_pretrained(copy.deepcopy(model), lora_fx.save_adapter(gm, tmp_path / f"d{dora}")).eval()
+        with torch.no_grad():
+            assert max_abs(theirs(x), gm(x)) <= 1e-4 * gm(x).abs().max()
+            folded = lora_fx.merge_lora(gm)
+            assert max_abs(folded(x), gm(x)) <= 1e-4 * gm(x).abs().max()
+        assert lora_fx.graph_diff(base, folded).identical
+    gm = lora_fx.inject_lora(base, ["small"], rank=4, dropout=0.1)
+    assert gm.lora_state.weight_form == set()  # LoRA dropout acts on the branch's input
