@@ -337,7 +337,7 @@ def _kind(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables:
     LoRA does not adapt it."""
     leaf = _owner(name)[1]
     if is_traceable_wrapper_subclass(p) or type(p.data) not in (torch.Tensor, nn.Parameter):
-        return Refusal(f"is a {type(p.data).__name__}, a tensor subclass (a quantized weight?), not a plain tensor; "
+        return Refusal(f"is a tensor subclass ({type(p.data).__name__}: a quantized weight?), not a plain tensor; "
                        "LoRA adds its update to a plain weight. Load the base model unquantized (e.g. in "
                        "bfloat16) to inject LoRA", spec.all_linear)
     if _is_bias(leaf):  # a bias stack is 2-D in MoE experts (gpt-oss): still one value per output
