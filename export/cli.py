@@ -1,4 +1,5 @@
-"""The `lora-fx` command line: `lora-fx diff A B [--html OUT]` (ONNX files or saved fx graphs)."""
+"""The `lora-fx` command line: `lora-fx diff A B [--html OUT]` (ONNX files or saved fx graphs) and
+`lora-fx analyze ADAPTER [OTHER] [--base MODEL_DIR] [--png OUT]` (what an adapter learned)."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,58 @@ def _diff(args) -> int:
     return 2
 
 
+def _base_weights(folder: str) -> dict:
+    """Module path -> weight of a transformers model folder (the adapter's base), by the paths PEFT's
+    files use (a task model's, e.g. `model.layers.0...`)."""
+    import transformers  # optional: only `--base` needs it
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, (config.architectures or ["AutoModel"])[0], transformers.AutoModel)
+    return lora_fx.analysis.module_weights(cls.from_pretrained(folder))
+
+
+def _heatmaps(common: list[tuple[str, object]], path: str) -> str:
+    import matplotlib  # optional: only `--png` needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(common), figsize=(4 * len(common), 3.4), squeeze=False)
+    for ax, (holder, phi) in zip(axes[0], common):
+        image = ax.imshow(phi.numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set(title=holder.rsplit(".", 2)[-2] + "." + holder.rsplit(".", 1)[-1], xlabel="j (second adapter)",
+               ylabel="i (first adapter)")
+        fig.colorbar(image, ax=ax)
+    fig.suptitle("subspace similarity phi(i, j) (LoRA paper, Figure 3)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _analyze(args) -> int:
+    analysis = lora_fx.analysis
+    files = [lora_fx.read_adapter(d) for d in [args.adapter] + ([args.other] if args.other else [])]
+    base = _base_weights(args.base) if args.base else None
+    for d, file in zip([args.adapter, args.other], files):
+        print(f"{d}:")
+        print(analysis.format_table(analysis.file_table(file, base)))
+    if len(files) == 2:
+        first, second = (analysis.adapter_updates(f) for f in files)
+        common = [(h, analysis.subspace_similarity(first[h][1], second[h][1])) for h in first if h in second]
+        if not common:
+            print("the two adapters share no adapted weight")
+            return 1
+        print(f"subspace similarity of {args.adapter} (i) and {args.other} (j), from lora_A's right-singular vectors:")
+        for holder, phi in common:
+            baseline = analysis.random_similarity(*phi.shape, features=first[holder][1].shape[1])
+            print(f"  {holder}: phi(1, 1) = {phi[0, 0]:.3f}, mean = {phi.mean():.3f} (random: {baseline[0, 0]:.3f}, "
+                  f"{baseline.mean():.3f})")
+        if args.png:
+            print(f"wrote {_heatmaps(common[:4], args.png)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as passes over torch.fx graphs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,11 +97,17 @@ def main(argv=None) -> int:
     d.add_argument("b")
     d.add_argument("--html", metavar="OUT", help="also write an HTML view with the changed nodes highlighted")
     d.add_argument("--context", type=int, default=2, help="hops of unchanged nodes drawn around each change (large graphs)")
+    a = sub.add_parser("analyze", help="what an adapter learned: per-weight spectrum and amplification; with a second "
+                                       "adapter of the same weights, the paper's subspace similarity")
+    a.add_argument("adapter", help="an adapter folder (PEFT's or lora-fx's)")
+    a.add_argument("other", nargs="?", help="a second adapter folder over the same weights")
+    a.add_argument("--base", metavar="MODEL_DIR", help="the base model (a transformers folder) for ||dW||/||W0|| and amplification")
+    a.add_argument("--png", metavar="OUT", help="write the subspace-similarity heatmaps (two adapters)")
     args = parser.parse_args(argv)
     try:
-        return _diff(args)
-    except RuntimeError as e:
-        print(f"lora-fx diff: {e}", file=sys.stderr)
+        return _diff(args) if args.command == "diff" else _analyze(args)
+    except (RuntimeError, lora_fx.AdapterFileError, OSError) as e:
+        print(f"lora-fx {args.command}: {e}", file=sys.stderr)
         return 2
 
 

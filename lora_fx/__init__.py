@@ -4,6 +4,7 @@ The pipeline, one module each: capture (torch.export) -> match (targets -> weigh
 (W0 / lora_A / lora_B subgraph) -> fold (B @ A into W0) -> diff (what a pass changed). `attach` is
 the one door an adapter goes through into a graph; `slot` owns the LoRA weights' names and contents.
 """
+from . import analysis
 from .adapter_io import AdapterFile, adapter_file, load_adapter, read_adapter, save_adapter
 from .adapters import (
     active_adapters,
@@ -39,6 +40,7 @@ from .slot import parse_name as parse_lora_name
 from .state import Adapter, LoraState, Site
 
 __all__ = [
+    "analysis",
     "capture",
     "capture_decoder",
     "inject_lora",

@@ -21,7 +21,8 @@ FLOORS = {
         "attach": 5,
         "inject": 6, "adapters": 6, "fold": 6, "mixed": 6, "saved": 6,
         "adapter_io": 7,
-        "__init__": 8,
+        "analysis": 8,
+        "__init__": 9,
     },
     "export": {
         "onnx_diff": 0, "runtime": 0, "kv_cache": 0,
@@ -31,7 +32,7 @@ FLOORS = {
         "__init__": 4,
     },
 }
-OPTIONAL = {"safetensors", "transformers"}  # may be imported where used: not every install has them
+OPTIONAL = {"safetensors", "transformers", "matplotlib"}  # may be imported where used: not every install has them
 
 
 def _imports(package: str, path: Path):
