@@ -133,22 +133,10 @@ def table(s: dict) -> str:
 
 
 def plot(phis: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     chosen = [p for p in phis if ".5." in p[0]] or phis[-2:]  # the last layer's q and v, as the paper's Figure 3
-    fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 3.6), squeeze=False)
-    for ax, (param, phi) in zip(axes[0], chosen):
-        image = ax.imshow(phi[:, :8].numpy(), vmin=0, vmax=1, origin="lower", aspect="auto")
-        ax.set(title=param.replace("encoder.encoder.layer.", "layer ").replace(".weight", ""), xlabel="j (r = 64)",
-               ylabel="i (r = 8)")
-        fig.colorbar(image, ax=ax)
-    fig.suptitle("φ(A_r=8, A_r=64, i, j), j <= 8")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    labels = [(p.replace("encoder.encoder.layer.", "layer ").replace(".weight", ""), phi) for p, phi in chosen]
+    lora_fx.analysis.plot_similarity(labels, path, "φ(A_r=8, A_r=64, i, j), j <= 8", xlabel="j (r = 64)",
+                                     ylabel="i (r = 8)", columns=8)
 
 
 def parse(argv=None):

@@ -47,25 +47,6 @@ def _base_weights(folder: str) -> dict:
     return lora_fx.analysis.module_weights(cls.from_pretrained(folder))
 
 
-def _heatmaps(common: list[tuple[str, object]], path: str) -> str:
-    import matplotlib  # optional: only `--png` needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(common), figsize=(4 * len(common), 3.4), squeeze=False)
-    for ax, (holder, phi) in zip(axes[0], common):
-        image = ax.imshow(phi.numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-        ax.set(title=holder.rsplit(".", 2)[-2] + "." + holder.rsplit(".", 1)[-1], xlabel="j (second adapter)",
-               ylabel="i (first adapter)")
-        fig.colorbar(image, ax=ax)
-    fig.suptitle("subspace similarity phi(i, j) (LoRA paper, Figure 3)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def _analyze(args) -> int:
     analysis = lora_fx.analysis
     files = [lora_fx.read_adapter(d) for d in [args.adapter] + ([args.other] if args.other else [])]
@@ -85,7 +66,8 @@ def _analyze(args) -> int:
             print(f"  {holder}: phi(1, 1) = {phi[0, 0]:.3f}, mean = {phi.mean():.3f} (random: {baseline[0, 0]:.3f}, "
                   f"{baseline.mean():.3f})")
         if args.png:
-            print(f"wrote {_heatmaps(common[:4], args.png)}")
+            labels = [(".".join(h.rsplit(".", 2)[-2:]), phi) for h, phi in common[:4]]
+            print(f"wrote {analysis.plot_similarity(labels, args.png, 'subspace similarity phi(i, j) (LoRA paper, Figure 3)')}")
     return 0
 
 

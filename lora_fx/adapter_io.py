@@ -344,47 +344,38 @@ def validate_config(config: dict, where) -> dict:
 
 def _weights_for(sites: list[Site], file: AdapterFile, directory):
     """Map the file's LoRA weights to sites: ({weight name: [(A, B) per block]}, {weight name: rank},
-    {weight name: DoRA magnitude}); every site must have its weights and every LoRA weight must
-    belong to a site."""
+    {weight name: DoRA magnitude}, {weight name: lora_B bias}); every site must have its weights and
+    every LoRA weight must belong to a site."""
     holders = slot.file_holders(sites)
     by_holder = {holders[s.param]: s for s in sites}
     found: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
-    magnitudes: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
+    # the per-output vectors a variant adds beside A and B:
+    # which -> (config flag, what (plural, one), the variant, {weight name: tensor})
+    vectors = {slot.LORA_M: ("use_dora", "DoRA magnitudes", "DoRA magnitude (lora_magnitude_vector)", "DoRA", {}),
+               slot.LORA_BIAS: ("lora_bias", "lora_B biases", "lora_B bias", "lora_bias", {})}
     extra = []
     for name, t in file.lora.items():
         site = by_holder.get(name.holder)
-        if name.which == slot.LORA_BIAS:
-            if not file.config["lora_bias"]:
-                raise AdapterFileError(f"{directory} holds lora_B biases ({name.slot_free}) but its config says "
-                                       "lora_bias: false; fix the config (lora_bias: true) or remove them")
+        if name.which in vectors:
+            flag, these, _, _, into = vectors[name.which]
+            if not file.config[flag]:
+                raise AdapterFileError(f"{directory} holds {these} ({name.slot_free}) but its config says "
+                                       f"{flag}: false; fix the config ({flag}: true) or remove them")
             if site is None:
                 extra.append(slot.FILE_PREFIX + name.slot_free)
             else:
-                biases[site.param] = t
-            continue
-        if name.which == slot.LORA_M:
-            if not file.config["use_dora"]:
-                raise AdapterFileError(f"{directory} holds DoRA magnitudes ({name.slot_free}) but its config says "
-                                       "use_dora: false; fix the config (use_dora: true) or remove them")
-            if site is None:
-                extra.append(slot.FILE_PREFIX + name.slot_free)
-            else:
-                magnitudes[site.param] = slot.from_file(site, slot.LORA_M, t)
+                into[site.param] = slot.from_file(site, name.which, t)
             continue
         if site is None or not name.matches(site, holders[site.param]) or name.embedding != (site.kind == "embedding"):
             extra.append(slot.FILE_PREFIX + name.slot_free)
             continue
         found.setdefault(site.param, {})[(name.which, name.block or 0)] = slot.from_file(site, name.which, t)
     missing = [holders[s.param] for s in sites if s.param not in found or len(found[s.param]) != 2 * len(s.blocks)]
-    no_bias = [holders[s.param] for s in sites if file.config["lora_bias"] and s.param not in biases]
-    if no_bias and not missing:
-        raise AdapterFileError(f"{directory}: its config says lora_bias: true, but it holds no lora_B bias for "
-                               f"{no_bias[:3]}; it is not a lora_bias adapter, or is incomplete")
-    no_magnitude = [holders[s.param] for s in sites if file.config["use_dora"] and s.param not in magnitudes]
-    if no_magnitude and not missing:
-        raise AdapterFileError(f"{directory}: its config says use_dora: true, but it holds no DoRA magnitude "
-                               f"(lora_magnitude_vector) for {no_magnitude[:3]}; it is not a DoRA adapter, or is incomplete")
+    for flag, _, one, variant, into in vectors.values():
+        lacking = [holders[s.param] for s in sites if file.config[flag] and s.param not in into]
+        if lacking and not missing:
+            raise AdapterFileError(f"{directory}: its config says {flag}: true, but it holds no {one} for "
+                                   f"{lacking[:3]}; it is not a {variant} adapter, or is incomplete")
     if missing or extra:
         raise AdapterFileError(
             f"{directory} does not fit this model: " + "; ".join(filter(None, [
@@ -397,7 +388,7 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory):
         pairs = [(found[site.param][(slot.LORA_A, b.index)], found[site.param][(slot.LORA_B, b.index)]) for b in site.blocks]
         ranks[site.param] = pairs[0][0].shape[site.rank_dims[0]]
         weights[site.param] = pairs
-    return weights, ranks, magnitudes, biases
+    return weights, ranks, vectors[slot.LORA_M][-1], vectors[slot.LORA_BIAS][-1]
 
 
 def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None):

@@ -168,3 +168,24 @@ def module_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(w, torch.Tensor) and w.dim() >= 2 and not isinstance(module, nn.Embedding):
             out[path] = w.detach().T if type(module).__name__ == "Conv1D" else w.detach()
     return out
+
+
+def plot_similarity(phis: list[tuple[str, torch.Tensor]], path, title: str, xlabel: str = "j (second adapter)",
+                    ylabel: str = "i (first adapter)", columns: int | None = None):
+    """Figure 3-style heatmaps of φ(i, j), one per (label, φ), side by side, written as a PNG at `path`
+    (matplotlib, the `bench` extra); `columns` keeps the first j only."""
+    import matplotlib  # optional: only plotting needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(phis), figsize=(4.5 * len(phis), 3.6), squeeze=False)
+    for ax, (label, phi) in zip(axes[0], phis):
+        image = ax.imshow(phi[:, :columns].numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set(title=label, xlabel=xlabel, ylabel=ylabel)
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -41,12 +41,11 @@ def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
     return out
 
 
-def _lora_delta(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
-    """scaling * B @ A of one weight, fp32, in W0's layout and shape."""
-    w0 = gm.get_parameter(site.param)
+def _lora_delta(site: Site, factors: list[tuple], device) -> torch.Tensor:
+    """scaling * B @ A of one weight from its `_factors`, fp32, in W0's layout and shape."""
     batch = (site.experts,) if site.experts else ()
-    delta = torch.zeros(*batch, site.out_features, site.in_features, dtype=torch.float32, device=w0.device)
-    for block, b, a in _factors(gm, site, adapters):
+    delta = torch.zeros(*batch, site.out_features, site.in_features, dtype=torch.float32, device=device)
+    for block, b, a in factors:
         delta[..., block.start:block.stop, :] += b @ a
     return site.as_weight(delta)
 
@@ -99,7 +98,7 @@ def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     adapters: None for what the graph computes now (the active adapters), or a name, a list of
     names, or {name: weight} for a weighted sum of stored adapters.
     """
-    delta = _lora_delta(gm, site, adapters)
+    delta = _lora_delta(site, _factors(gm, site, adapters), gm.get_parameter(site.param).device)
     magnitude = _magnitude(gm, site, adapters)
     if magnitude is None:
         return delta
@@ -119,7 +118,7 @@ def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
         )
     w = w0.detach().to(torch.float32, copy=True)
     if site.kind != "linear":  # conv, embedding, experts: one delta in the weight's shape
-        w += _lora_delta(gm, site, adapters)
+        w += _lora_delta(site, factors, w.device)
     for block, b, a in factors if site.kind == "linear" else ():
         if site.layout == "in_out":  # W0 is [in, out]: the block is a column range
             w[:, block.start:block.stop].addmm_(a.t(), b.t())

@@ -133,13 +133,10 @@ def _weight_delta(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
     return total
 
 
-def _magnitude(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
-    """DoRA's per-output factor m / ||W0 + scaling * B @ A|| ([out]; the norm over the weight's input
-    dimensions, detached as in the DoRA paper and PEFT), or 1 while the slot's switch is off."""
-    w = b.get_attr(site.param)
-    norm = b.call(aten.linalg_vector_norm.default, b.call(aten.add.Tensor, w, _weight_delta(b, site, slot)), 2,
-                  site.in_dims)
-    norm = b.call(aten.detach.default, norm)
+def _magnitude(b: _Builder, site: Site, slot: str, adapted: torch.fx.Node) -> torch.fx.Node:
+    """DoRA's per-output factor m / ||W0 + scaling * B @ A|| ([out]; `adapted` is that weight; the norm
+    over its input dimensions, detached as in the DoRA paper and PEFT), or 1 while the slot's switch is off."""
+    norm = b.call(aten.detach.default, b.call(aten.linalg_vector_norm.default, adapted, 2, site.in_dims))
     path = magnitude_path(site, slot)
     ratio = b.call(aten.sub.Tensor, b.call(aten.div.Tensor, b.get_attr(f"{path}.weight"), norm), 1)
     return b.call(aten.add.Tensor, b.call(aten.mul.Tensor, ratio, b.get_attr(f"{path}.on")), 1)
@@ -147,7 +144,7 @@ def _magnitude(b: _Builder, site: Site, slot: str) -> torch.fx.Node:
 
 def _dora(b: _Builder, site: Site, slot: str, use, delta: torch.fx.Node) -> torch.fx.Node:
     """DoRA on an activation: y0 + (mag - 1) * (y0 - bias) + mag * delta, i.e. mag * (W0 x + delta) + bias."""
-    mag = _magnitude(b, site, slot)
+    mag = _magnitude(b, site, slot, b.call(aten.add.Tensor, b.get_attr(site.param), _weight_delta(b, site, slot)))
     if use.kind == "conv":  # channels are dim 1 of a conv's output
         mag = b.call(aten.view.default, mag, [-1] + [1] * (len(site.shape) - 2))
     base, bias = use.node, bias_arg(use)
@@ -161,11 +158,10 @@ def _dora(b: _Builder, site: Site, slot: str, use, delta: torch.fx.Node) -> torc
 
 def _dora_weight(b: _Builder, site: Site, slot: str, w: torch.fx.Node) -> torch.fx.Node:
     """DoRA on a weight read as a weight: mag * (W0 + scaling * B @ A) - W0."""
-    mag = _magnitude(b, site, slot)
+    adapted = b.call(aten.add.Tensor, w, _weight_delta(b, site, slot))
     shape = [1, -1] if site.layout == "in_out" else [-1] + [1] * (len(site.shape) - 1)
-    mag = b.call(aten.view.default, mag, shape)
-    adapted = b.call(aten.mul.Tensor, mag, b.call(aten.add.Tensor, w, _weight_delta(b, site, slot)))
-    return b.call(aten.sub.Tensor, adapted, w)
+    mag = b.call(aten.view.default, _magnitude(b, site, slot, adapted), shape)
+    return b.call(aten.sub.Tensor, b.call(aten.mul.Tensor, mag, adapted), w)
 
 
 # A small conv trains faster with its update on the weight, conv(x, W0 + s*B@A), than with PEFT's
