@@ -129,6 +129,11 @@ def _check_dora(config: LoraConfig, sites: list[Site]) -> None:
                 else "named by parameter (PEFT's target_parameters take no DoRA)")
         raise ConfigError(f"DoRA needs one magnitude per output of a whole weight; {refused[0].param} is {what}. "
                           "Leave it out of this adapter's targets, or use plain LoRA (use_dora=False)")
+    quantized = [s for s in sites if s.quantized]
+    if quantized and (config.use_dora or config.lora_bias):
+        raise ConfigError(f"{'DoRA' if config.use_dora else 'lora_bias'} changes the base weight's own terms; "
+                          f"{quantized[0].param} is quantized ({quantized[0].quantized}), and lora-fx trains plain LoRA "
+                          "beside quantized layers. Use plain LoRA, or a float base")
     if config.lora_bias:
         for s in sites:
             if s.kind not in ("linear", "conv") or s.fused:

@@ -56,15 +56,18 @@ def capture_decoder(model: nn.Module) -> LoraGraphModule:
     return _capture(model, _DECODER_SIGNATURE, decoder_example(model), False, weights=None, kind=DECODER)
 
 
-def recapture(primary: LoraGraphModule, inputs, kind: str | None = None) -> LoraGraphModule:
+def recapture(primary: LoraGraphModule, inputs, kind: str | None = None,
+              overrides: dict[str, nn.Parameter] | None = None) -> LoraGraphModule:
     """`primary`'s source model captured again for `inputs` (a dict, or a tuple for a positional
     capture; None: example inputs of `kind`), as a forward or, with kind "decoder", as a decoding
     step, traced with `primary`'s own weights (so at their dtype and device) and sharing them:
-    parameters and buffers are the primary's objects; weights only these inputs use are frozen."""
+    parameters and buffers are the primary's objects, or those in `overrides` (by name; a fold's
+    new weights); weights only these inputs use are frozen."""
     cap = primary.capture_info
     source = cap.source
     kind = kind or cap.kind
-    own = {**dict(primary.named_parameters(remove_duplicate=False)), **dict(primary.named_buffers(remove_duplicate=False))}
+    own = {**dict(primary.named_parameters(remove_duplicate=False)), **dict(primary.named_buffers(remove_duplicate=False)),
+           **(overrides or {})}
     names = [n for n, _ in source.named_parameters(remove_duplicate=False)] + \
             [n for n, _ in source.named_buffers(remove_duplicate=False)]
     # tensor subclasses (FSDP's DTensor shards) cannot be traced through: those stay the source's
@@ -73,7 +76,8 @@ def recapture(primary: LoraGraphModule, inputs, kind: str | None = None) -> Lora
         check_decoder(source)
         new = _capture(source, _DECODER_SIGNATURE, inputs or decoder_example(source, weights), False, weights, kind)
     else:
-        new = _capture(source, cap.signature, inputs, cap.positional, weights)
+        new = _capture(source, cap.signature, inputs if inputs is not None else cap.example_inputs, cap.positional,
+                       weights)
     for name, p in list(new.named_parameters(remove_duplicate=False)):
         shared = own.get(name)
         set_parameter(new, name, shared if isinstance(shared, nn.Parameter) else nn.Parameter(p.detach(), requires_grad=False))

@@ -6,16 +6,19 @@ adapted weights; the injected graph module and the user's model are left as they
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import slot
 from .attach import base_copy
+from .capture import recapture
 from .errors import FoldError
 from .graph_module import LoraGraphModule, require_lora
 from .paths import set_parameter
+from .quantized import FOLD_CHOICES, dequantize, is_subclass, requantize
 from .rewrite import LORA_META, combine_inputs
 from .state import LoraState, Site
 
@@ -116,7 +119,7 @@ def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
             f"LoRA weights of {site.param} hold NaN or inf; folding would corrupt the weight. "
             "Check the training run (learning rate, loss scaling) or reload the adapter."
         )
-    w = w0.detach().to(torch.float32, copy=True)
+    w = dequantize(w0).float() if site.quantized else w0.detach().to(torch.float32, copy=True)
     if site.kind != "linear":  # conv, embedding, experts: one delta in the weight's shape
         w += _lora_delta(site, factors, w.device)
     for block, b, a in factors if site.kind == "linear" else ():
@@ -170,15 +173,99 @@ def _names_by_param(gm: nn.Module) -> dict[int, set[str]]:
     return names
 
 
-def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_param) -> dict[str, torch.Tensor]:
-    """W0 + update for every site, after the checks: known adapters, no reader outside the match."""
+@dataclass(frozen=True)
+class RequantizeLoss:
+    """What requantizing W0 + scaling * B @ A in the base's format keeps of one adapter's update
+    (ΔW), with ΔW' the update the requantized weight actually carries (deq(Q(W0 + ΔW)) - W0)."""
+
+    param: str
+    format: str
+    kept: float  # <ΔW', ΔW> / ||ΔW||²: the share of ΔW that survives (1 = all; 0 = erased)
+    weight_error: float  # ||ΔW' - ΔW|| / ||ΔW||
+    output_error: float | None  # ||(ΔW' - ΔW) x|| / ||ΔW x|| over a probe batch's activations (None: no probe)
+
+    @property
+    def loss(self) -> float:
+        """The figure merge_lora's max_loss bounds: the output error where measured, else the weight error."""
+        return self.weight_error if self.output_error is None else self.output_error
+
+
+# Requantizing may lose at most this share of an adapter's effect by default. Past a quarter, the
+# deployed model measurably differs from the trained one (int8 bases lose 2-7% on real adapters,
+# 4-bit ones 25-67%; an update below half a quantization step is erased outright: loss 1.0).
+MAX_REQUANTIZE_LOSS = 0.25
+
+
+def _site_inputs(gm: LoraGraphModule, probe: dict, sites: list[Site]) -> dict[str, torch.Tensor]:
+    """Each site's LoRA input (the activation lora_A reads) on `probe`, flattened to [N, in]."""
+    cap = gm.capture_info
+    missing = [k for k in cap.input_names if k not in probe]
+    if missing:
+        raise FoldError(f"the probe batch lacks inputs {missing}; give the inputs the model was captured with "
+                        f"({list(cap.input_names)})")
+    wanted: dict[torch.fx.Node, list[str]] = {}  # the x of lora_A's product -> its sites
+    params = {s.param for s in sites}
+    for node in gm.graph.nodes:
+        tag = node.meta.get(LORA_META, {})
+        if tag.get("param") in params and node.target is torch.ops.aten.linear.default and \
+                node.args[1].op == "get_attr" and slot.LORA_A in node.args[1].target.split("."):
+            wanted.setdefault(node.args[0], []).append(tag["param"])  # q and v may read one x
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            for param in wanted.get(n, ()):
+                seen.setdefault(param, []).append(out.detach().reshape(-1, out.shape[-1]).float())
+            return out
+
+    flat = pytree.tree_leaves(((), {k: probe[k] for k in cap.input_names}))
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    return {p: torch.cat(xs) for p, xs in seen.items()}
+
+
+def requantize_loss(gm: LoraGraphModule, adapters=None, probe: dict | None = None) -> list[RequantizeLoss]:
+    """What requantizing would keep of the update of every quantized weight (merge_lora's
+    quantized="requantize"), measured: on the weights, and on `probe` (the model's inputs) when given."""
+    state = require_lora(gm, "requantize_loss")
+    sites = [s for s in state.sites.values() if s.quantized]
+    xs = _site_inputs(gm, probe, sites) if probe is not None and sites else {}
+    rows = []
+    for site in sites:
+        w = gm.get_parameter(site.param)
+        w0 = dequantize(w).float()
+        delta = delta_weight(gm, site, adapters)
+        kept_delta = dequantize(requantize(w0 + delta, w)).float() - w0
+        norm = float(delta.norm()) or 1.0
+        kept = float((kept_delta * delta).sum()) / norm ** 2
+        error = float((kept_delta - delta).norm()) / norm
+        out = None
+        if site.param in xs:
+            x = xs[site.param]
+            out = float((x @ (kept_delta - delta).T).norm()) / (float((x @ delta.T).norm()) or 1.0)
+        rows.append(RequantizeLoss(site.param, site.quantized, kept, error, out))
+    return rows
+
+
+def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_param, quantized: str = "refuse",
+                    max_loss: float | None = MAX_REQUANTIZE_LOSS, probe: dict | None = None) -> dict[str, torch.Tensor]:
+    """W0 + update for every site, after the checks: known adapters, no reader outside the match,
+    and a choice for quantized weights."""
     if adapters is not None:
         adapter_mix(state, adapters)  # unknown names fail before any work
+    _check_quantized(gm, state, adapters, quantized, max_loss, probe)
     feeds = combine_inputs(gm.graph)
     folded = {}
     for site in state.sites.values():
-        _check_not_shared(gm.graph, feeds, site, names_by_param[id(gm.get_parameter(site.param))])
+        names = names_by_param[id(gm.get_parameter(site.param))]
+        if site.quantized:  # its readers are its layer's dequantize chain; another name is another reader
+            _check_not_shared(gm.graph, feeds, site, names - {site.param})
+        else:
+            _check_not_shared(gm.graph, feeds, site, names)
         folded[site.param] = folded_weight(gm, site, adapters)
+        if site.quantized and quantized == "requantize":
+            folded[site.param] = requantize(folded[site.param], gm.get_parameter(site.param))
         extra = delta_bias(gm, site, adapters)
         if extra is not None:  # lora_bias: into the layer's own bias, in fp32, rounded once
             b0 = gm.get_parameter(site.bias)
@@ -186,7 +273,46 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
     return folded
 
 
-def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
+def _check_quantized(gm: LoraGraphModule, state: LoraState, adapters, quantized: str, max_loss, probe) -> None:
+    """Folding into quantized weights is a choice the caller makes, and requantizing one that would
+    lose more than `max_loss` of the adapter's effect is refused with the measured figures."""
+    if quantized not in FOLD_CHOICES:
+        raise FoldError(f"quantized={quantized!r}: choose one of {list(FOLD_CHOICES)}")
+    sites = [s for s in state.sites.values() if s.quantized]
+    if not sites or quantized == "dequantize":
+        return
+    if quantized == "refuse":
+        raise FoldError(
+            f"{len(sites)} adapted weights are quantized ({sites[0].param}: {sites[0].quantized}); folding into them is a "
+            "choice: merge_lora(gm, quantized='dequantize') folds into float copies (exact; the graph becomes the float "
+            "model's and the weights take float memory), quantized='requantize' quantizes W0 + scaling*B@A again in "
+            "the base's format (same memory; loses what the format cannot hold: see lora_fx.requantize_loss(gm, "
+            "probe=inputs)). Or keep LoRA unfolded beside the quantized base")
+    if max_loss is None:
+        return
+    lost = [r for r in requantize_loss(gm, adapters, probe) if r.loss > max_loss]
+    if lost:
+        what = "output error" if lost[0].output_error is not None else "weight error (no probe batch)"
+        rows = "; ".join(f"{r.param}: {r.loss:.0%} lost, {r.kept:.0%} of ΔW kept" for r in lost[:4])
+        raise FoldError(
+            f"requantizing would lose more than {max_loss:.0%} of the adapter's effect ({what}) on {len(lost)} weights: "
+            f"{rows}. Fold with quantized='dequantize' (exact), keep LoRA unfolded, or accept the loss with "
+            "max_loss=None")
+
+
+def _float_capture(gm: LoraGraphModule, folded: dict[str, torch.Tensor]) -> LoraGraphModule:
+    """The model captured again over float weights: the folded ones, and every other quantized
+    weight dequantized, so the graph is the float model's (quantized='dequantize')."""
+    weights = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if name in folded or is_subclass(p):
+            value = folded[name] if name in folded else dequantize(p)
+            weights[name] = nn.Parameter(value, requires_grad=False)
+    return recapture(gm, None, overrides=weights)
+
+
+def merge_lora(gm: LoraGraphModule, adapters=None, *, quantized: str = "refuse",
+               max_loss: float | None = MAX_REQUANTIZE_LOSS, probe: dict | None = None) -> LoraGraphModule:
     """Fold the LoRA update into each base weight; return a new graph module equal to the capture.
 
     adapters: None folds what the graph computes now (the active adapters); a name, a list of names
@@ -195,6 +321,14 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
     tensors; other weights are shared with `gm`, except trainable copies, which are cloned, so `gm`
     can keep training without changing the folded module. Folding a folded module returns an equal
     one.
+
+    quantized: what to do with quantized base weights (LoRA trained beside them). "refuse" (the
+    default) says what each choice costs; "dequantize" folds into float copies (exact) and every
+    quantized weight is dequantized, so the graph is the float model's; "requantize" quantizes
+    W0 + scaling * B @ A again in the base's format (graph and memory as the quantized capture) and
+    refuses where it would lose more than `max_loss` of an adapter's effect (measured on `probe`,
+    the model's inputs, when given, else on the weights; None accepts any loss; see
+    `requantize_loss`).
     """
     state = gm.lora_state if isinstance(gm, LoraGraphModule) else None
     if state is None:  # a folded graph has a (folded) state: folding it again returns an equal one
@@ -203,8 +337,9 @@ def merge_lora(gm: LoraGraphModule, adapters=None) -> LoraGraphModule:
             "load_adapter) returned"
         )
     names_by_param = _names_by_param(gm)
-    folded = _folded_weights(gm, state, adapters, names_by_param) if not state.folded else {}
-    new = base_copy(gm)
+    folded = _folded_weights(gm, state, adapters, names_by_param, quantized, max_loss, probe) if not state.folded else {}
+    dequantized = quantized == "dequantize" and any(s.quantized for s in state.sites.values())
+    new = _float_capture(gm, folded) if dequantized else base_copy(gm)
     replaced: dict[int, nn.Parameter] = {}
     for name, p in list(new.named_parameters(remove_duplicate=False)):
         if id(p) in replaced:

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .errors import ConfigError, TargetError
+from .quantized import format_name, is_subclass, refusal
 from .report import NearMiss
 from .state import Block, Site
 
@@ -49,6 +49,7 @@ class Use:
     x: torch.fx.Node | None = None  # the activation, or the indices of an embedding (None for "weight")
     weight: torch.fx.Node | None = None  # the get_attr node of W (for "weight")
     layout: str | None = None  # how this use reads W: "out_in", "in_out", or None (any)
+    reads: torch.fx.Node | None = None  # the node that reads x, when not `node` (a quantized layer's chain)
 
 
 @dataclass
@@ -257,6 +258,54 @@ def _uses(get_attrs: dict, names: list[str], owner: str):
     return uses, tables, left_alone
 
 
+def _weight_side(node: torch.fx.Node, memo: dict) -> bool:
+    """Whether `node` is computed from weights and constants alone (no model input reaches it)."""
+    if node not in memo:
+        if node.op == "placeholder":
+            memo[node] = False
+        elif node.op == "get_attr":
+            memo[node] = True
+        else:
+            memo[node] = all(_weight_side(i, memo) for i in node.all_input_nodes)
+    return memo[node]
+
+
+def _is_activation(node: torch.fx.Node, memo: dict) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point() and not _weight_side(node, memo)
+
+
+def quantized_uses(gm: nn.Module, owner: str) -> list[Use] | Refusal:
+    """Each call of the quantized nn.Linear at `owner`, as a linear use: from the activation it reads
+    to the output of its dequantize chain. The chain is everything traced inside the layer's
+    forward (its nn_module_stack), whatever the format spells there."""
+    cap = getattr(gm, "capture_info", None)
+    module = cap.source.get_submodule(owner) if cap is not None and cap.source is not None else None
+    if not isinstance(module, nn.Linear):
+        return Refusal(f"is a quantized weight of a {type(module).__name__}; LoRA sits beside quantized nn.Linear "
+                       "layers only (their forward is the product it adds to)")
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            key, (path, _) = list(stack.items())[-1]
+            if path == owner:
+                calls.setdefault(key, []).append(node)
+    memo: dict = {}
+    uses = []
+    for key, region in calls.items():
+        inside = set(region)
+        xs = {i for n in region for i in n.all_input_nodes if i not in inside and _is_activation(i, memo)}
+        outs = [n for n in region if any(u not in inside for u in n.users)]
+        if len(xs) != 1 or len(outs) != 1:
+            return Refusal(f"its layer's traced forward reads {len(xs)} activations and gives {len(outs)} outputs; "
+                           "a quantized linear layer reads one and gives one")
+        x = xs.pop()
+        reads = next(n for n in region if x in n.args)
+        uses.append(Use(outs[0], "linear", x=x, layout="out_in", reads=reads))
+    return uses or Refusal("is not used by the captured forward")
+
+
 def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
     """The uses of already-chosen sites in a graph without LoRA nodes (a re-layout, or a capture of
     the same model for other inputs)."""
@@ -267,6 +316,11 @@ def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
     matches = []
     for site in sites:
         names = names_by_param.get(id(gm.get_parameter(site.param)), [site.param])
+        if site.quantized:
+            uses = quantized_uses(gm, site.owner)
+            if not isinstance(uses, Refusal):
+                matches.append(Match(site, uses))
+            continue
         uses, tables, left_alone = _uses(get_attrs, names, site.owner)
         nodes = [n for alias in names for n in get_attrs.get(alias, [])]
         uses = parameter_uses(nodes) if site.by_parameter else kind_uses(site.kind, uses, tables, nodes)
@@ -336,10 +390,14 @@ def _kind(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables:
     """The kind of weight `name` ("linear", "conv", "embedding", "experts") as it is used, or why
     LoRA does not adapt it."""
     leaf = _owner(name)[1]
-    if is_traceable_wrapper_subclass(p) or type(p.data) not in (torch.Tensor, nn.Parameter):
-        return Refusal(f"is a tensor subclass ({type(p.data).__name__}: a quantized weight?), not a plain tensor; "
-                       "LoRA adds its update to a plain weight. Load the base model unquantized (e.g. in "
-                       "bfloat16) to inject LoRA", spec.all_linear)
+    if is_subclass(p):
+        why = refusal(p)
+        if why is not None:
+            return Refusal(why, spec.all_linear)
+        if by_parameter:
+            return Refusal(f"is a quantized weight ({format_name(p)}); LoRA sits beside quantized nn.Linear layers, "
+                           "named as modules in targets")
+        return uses if isinstance(uses, Refusal) else "linear"
     if _is_bias(leaf):  # a bias stack is 2-D in MoE experts (gpt-oss): still one value per output
         return Refusal(f"is a bias {tuple(p.shape)} (one value per output), not a matrix LoRA can factor; "
                        "LoRA adapts weights", quiet=not by_parameter)
@@ -387,6 +445,13 @@ def _layout(kind: str, p: torch.Tensor, uses: list[Use], module: nn.Module | Non
     return layout, int(in_f), int(out_f)
 
 
+def x_position(use: Use) -> tuple[torch.fx.Node, int]:
+    """Where a use reads its activation: (node, argument index). Rewriting one use rewires the next
+    one's input (a linear feeding a linear), so a rewrite reads x from here when its turn comes."""
+    reads = use.reads or use.node
+    return reads, reads.args.index(use.x)
+
+
 def bias_arg(use: Use) -> torch.fx.Node | None:
     """The bias node a product adds (its output minus the bias is W0 x), or None."""
     args = use.node.args
@@ -425,8 +490,10 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
         # target, and PEFT's files spell its LoRA under base_layer
         owner, file_holder = parent, f"{parent}.base_layer.out_proj"
     groups = max((u.node.args[6] for u in uses if u.node.target in CONV_OPS and len(u.node.args) > 6), default=1)
+    quantized = format_name(p)
     return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
-                shape=tuple(p.shape), by_parameter=by_parameter, bias=_common_bias(uses), groups=int(groups))
+                shape=tuple(p.shape), by_parameter=by_parameter, bias=None if quantized else _common_bias(uses),
+                groups=int(groups), quantized=quantized)
 
 
 def match_weights(
@@ -461,7 +528,11 @@ def match_weights(
             if key is None:
                 continue
             named.add(key)
-            uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
+            p = gm.get_parameter(name)
+            if is_subclass(p) and refusal(p) is None:  # a quantized weight: its layer's calls
+                uses, tables, left_alone = quantized_uses(gm, _owner(name)[0]), [], []
+            else:
+                uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
             kind = _kind(spec, name, gm.get_parameter(name), uses, tables, by_parameter is not None)
             if isinstance(kind, Refusal):
                 if not kind.quiet:

@@ -19,7 +19,7 @@ from . import slot
 from .attach import base_copy
 from .errors import ConfigError
 from .graph_module import CaptureInfo, LoraGraphModule, require_lora
-from .match import rematch
+from .match import rematch, x_position
 from .paths import set_module
 from .rewrite import LORA_META
 from .state import Site
@@ -129,7 +129,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     k = (slots or len(names)) + 1  # banks, and the zero one at the end
     with graph.inserting_after(index):  # -1 (no adapter) selects the zero bank at the end
         selected = graph.call_function(torch.remainder, (index, k))
-    x_at = {id(u): u.node.args.index(u.x) for m in matches for u in m.uses}  # see rewrite.insert_lora
+    x_at = {id(u): x_position(u) for m in matches for u in m.uses}
     for m in matches:
         site = m.site
         rank = slot.rank_of(gm, site, state.slot) if slots else max([state.adapters[n].ranks.get(site.param, 0) for n in names] + [1])
@@ -145,12 +145,14 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
                 banks_a[i][j, :r], banks_b[i][j, :, :r] = a, b
             scale[j, :r] = adapter.scaling(site.param)
         like = gm.get_parameter(site.param)
-        module = MixedLora(site, [t.to(like) for t in banks_a], [t.to(like) for t in banks_b], scale.to(like))
+        to = {"dtype": like.dtype, "device": like.device}  # (a quantized weight's logical dtype)
+        module = MixedLora(site, [t.to(**to) for t in banks_a], [t.to(**to) for t in banks_b], scale.to(**to))
         path = f"{site.holder}.{MIXED}"
         set_module(mixed, path, module)
         for use in m.uses:
             with graph.inserting_after(use.node):
-                out = graph.call_module(path, (use.node.args[x_at[id(use)]], selected, use.node))
+                reads, at = x_at[id(use)]
+                out = graph.call_module(path, (reads.args[at], selected, use.node))
             out.meta[LORA_META] = {"param": site.param, "role": "mixed"}
             use.node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
     graph.lint()

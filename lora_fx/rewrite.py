@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from .match import Match, bias_arg
+from .match import Match, bias_arg, x_position
 from .slot import LORA_A, LORA_B, bias_path, dropout_path, magnitude_path, scale_path, weight_path
 from .state import Site
 
@@ -186,9 +186,7 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
     has a bias."""
     counts: Counter = Counter()
     graph = gm.graph
-    # where each product reads its activation: rewriting one use rewires the next one's input (a
-    # linear feeding a linear), so the activation is read from the node when its turn comes
-    x_at = {id(u): u.node.args.index(u.x) for m in matches for u in m.uses if u.x is not None}
+    x_at = {id(u): x_position(u) for m in matches for u in m.uses if u.x is not None}
     for match in matches:
         site = match.site
         tag = {"param": site.param}
@@ -203,7 +201,8 @@ def insert_lora(gm: torch.fx.GraphModule, matches: list[Match], slot: str, dropo
                 counts["conv"] += 1
                 continue
             b = _Builder(graph, use.node, tag)
-            use = replace(use, x=use.node.args[x_at[id(use)]])
+            reads, at = x_at[id(use)]
+            use = replace(use, x=reads.args[at])
             if use.kind == "conv":
                 delta = _conv_branch(b, site, slot, use, site.param in dropout, site.param in bias)
             elif use.kind == "embedding":

@@ -55,6 +55,7 @@ class Site:
     by_parameter: bool = False  # named by parameter path (PEFT's target_parameters), not by module
     bias: str | None = None  # the bias parameter every product of this weight adds (where lora_bias folds)
     groups: int = 1  # a grouped convolution's groups
+    quantized: str = ""  # the base weight's quantization format ("int8", "intx", "nf4"), "" for a float weight
 
     @property
     def file_path(self) -> str:
