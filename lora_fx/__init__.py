@@ -4,7 +4,7 @@ The pipeline, one module each: capture (torch.export) -> match (targets -> weigh
 (W0 / lora_A / lora_B subgraph) -> fold (B @ A into W0) -> diff (what a pass changed). `attach` is
 the one door an adapter goes through into a graph; `slot` owns the LoRA weights' names and contents.
 """
-from . import analysis
+from . import analysis, quantized
 from .adapter_io import AdapterFile, adapter_file, load_adapter, read_adapter, save_adapter
 from .adapters import (
     active_adapters,
@@ -28,7 +28,7 @@ from .errors import (
     LoraFxError,
     TargetError,
 )
-from .fold import delta_bias, delta_weight, merge_and_unload, merge_lora
+from .fold import MAX_REQUANTIZE_LOSS, RequantizeLoss, delta_bias, delta_weight, merge_and_unload, merge_lora, requantize_loss
 from .generation import MODEL_DEFAULT, Sampling, check_request, generate_with, max_positions, special_tokens
 from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
 from .inject import inject_lora
@@ -48,6 +48,10 @@ __all__ = [
     "merge_and_unload",
     "delta_weight",
     "delta_bias",
+    "requantize_loss",
+    "RequantizeLoss",
+    "MAX_REQUANTIZE_LOSS",
+    "quantized",
     "graph_diff",
     "save_adapter",
     "load_adapter",

@@ -1,0 +1,190 @@
+"""LoRA beside a quantized base (torchao int8 weight-only, int4 Intx, NF4): inject, train, save,
+load, the three fold choices, and what is refused."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fx
+from helpers import max_abs, randomize_lora, tiny_llama, token_ids
+
+torchao = pytest.importorskip("torchao", reason="the quant extra installs torchao")
+from torchao.quantization import (  # noqa: E402
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    quantize_,
+)
+from torchao.quantization.granularity import PerGroup  # noqa: E402
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
+
+FORMATS = ["int8", "intx", "nf4"]
+TARGETS = ["q_proj", "v_proj"]
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def quantized(model: nn.Module, fmt: str) -> nn.Module:
+    """`model` with the linear layers of its decoder layers quantized in `fmt` (in place)."""
+    layers = model.model.layers
+    if fmt == "int8":
+        quantize_(layers, Int8WeightOnlyConfig())
+    elif fmt == "intx":
+        quantize_(layers, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    elif fmt == "dynamic":
+        quantize_(layers, Int8DynamicActivationInt8WeightConfig())
+    else:
+        for module in layers.modules():
+            if isinstance(module, nn.Linear):
+                module.weight = nn.Parameter(to_nf4(module.weight.detach(), 32, 8), requires_grad=False)
+    return model
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def base(request):
+    """(format, the float model, the same model quantized)."""
+    float_model = tiny_llama()
+    return request.param, float_model, quantized(copy.deepcopy(float_model), request.param)
+
+
+@pytest.fixture(scope="module")
+def trained(base):
+    """(LoRA trained a few steps beside `base`'s quantized model, its losses); tests leave it as it is."""
+    return _trained(base[2])
+
+
+def _storage(t: torch.Tensor) -> list[int]:
+    """Where a tensor subclass keeps its inner tensors."""
+    names, _ = t.__tensor_flatten__()
+    return [getattr(t, n).data_ptr() for n in names]
+
+
+def _trained(model, steps=4):
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    batch = token_ids()
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(gm).values(), lr=2e-2)
+    gm.train()
+    losses = []
+    for _ in range(steps):
+        loss = gm(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return gm.eval(), losses
+
+
+def test_lora_trains_beside_the_quantized_weights(base, trained):
+    fmt, _, model = base
+    batch = token_ids()
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    assert gm.lora_report.counters == {"linear": 4}
+    assert {s.quantized for s in gm.lora_state.sites.values()} == {fmt}
+    assert max_abs(gm(**batch), model(**batch)) == 0  # B = 0: exactly the quantized model
+    w = gm.get_parameter(Q)
+    assert type(w) is type(model.get_parameter(Q)) and not w.requires_grad  # the base stays quantized, frozen
+    assert _storage(w) == _storage(model.get_parameter(Q))  # and shared: no copy, quantized or not
+    gm.train()
+    gm(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in lora_fx.lora_parameters(gm).items()}
+    assert all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if ".lora_B." in n)  # B = 0: only B's grad is non-zero
+    losses = trained[1]
+    assert losses[-1] < losses[0]
+
+
+def test_unfolded_is_the_quantized_product_plus_the_update(base, trained):
+    """y = linear(x, deq(Wq)) + scaling * B @ A x: the float model with deq(Wq) + ΔW as weights."""
+    fmt, float_model, model = base
+    gm = trained[0]
+    reference = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            q = model.get_parameter(name)
+            if type(q).__module__.startswith("torchao"):
+                site = gm.lora_state.sites.get(name)
+                delta = lora_fx.delta_weight(gm, site) if site is not None else 0
+                p.copy_(lora_fx.quantized.dequantize(q) + delta)
+    batch = token_ids()
+    assert max_abs(gm(**batch), reference(**batch)) < 1e-4
+
+
+def test_fold_choices(base, trained):
+    fmt, float_model, model = base
+    gm = trained[0]
+    batch = token_ids()
+    unfolded = gm(**batch)
+    with pytest.raises(lora_fx.FoldError, match="quantized='dequantize'.*quantized='requantize'"):
+        lora_fx.merge_lora(gm)
+
+    exact = lora_fx.merge_lora(gm, quantized="dequantize")
+    assert max_abs(exact(**batch), unfolded) < 1e-5
+    assert lora_fx.graph_diff(lora_fx.capture(float_model), exact).identical  # the float model's graph
+    assert not any(type(p).__module__.startswith("torchao") for p in exact.parameters())
+
+    probe = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    rows = lora_fx.requantize_loss(gm, probe=probe)
+    assert [r.param for r in rows] == list(gm.lora_state.sites) and all(r.format == fmt for r in rows)
+    assert all(r.output_error is not None and 0 < r.kept < 1.5 for r in rows)
+    folded = lora_fx.merge_lora(gm, quantized="requantize", max_loss=None)
+    assert type(folded.get_parameter(Q)) is type(model.get_parameter(Q))
+    assert lora_fx.graph_diff(lora_fx.capture(model), folded).identical  # the quantized model's graph
+    # what requantizing changes in the output is the measured loss, not more
+    effect = max_abs(unfolded, model(**batch))
+    assert max_abs(folded(**batch), unfolded) < effect
+    assert max_abs(folded(**batch), exact(**batch)) > 0  # rounding happened: the report is not vacuous
+
+
+def test_requantize_refuses_to_erase_a_small_update(base):
+    """An update below half a quantization step is erased by requantizing: refused with the figure."""
+    fmt, _, model = base
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    randomize_lora(gm, std=1e-4)
+    rows = lora_fx.requantize_loss(gm)
+    assert all(r.loss > 0.9 for r in rows), rows
+    with pytest.raises(lora_fx.FoldError, match=r"lose more than 25% .*% lost"):
+        lora_fx.merge_lora(gm, quantized="requantize")
+    assert lora_fx.merge_lora(gm, quantized="requantize", max_loss=None) is not None  # forced
+
+
+def test_adapter_files_are_those_of_the_float_base(base, tmp_path):
+    from safetensors.torch import load_file
+
+    fmt, float_model, model = base
+    on_quantized = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    on_float = lora_fx.inject_lora(float_model, TARGETS, rank=4, alpha=8)
+    randomize_lora(on_quantized)
+    randomize_lora(on_float)
+    lora_fx.save_adapter(on_quantized, tmp_path / "q")
+    lora_fx.save_adapter(on_float, tmp_path / "f")
+    a, b = load_file(tmp_path / "q" / "adapter_model.safetensors"), load_file(tmp_path / "f" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "q" / "adapter_config.json").read_text()) == \
+        json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    loaded = lora_fx.load_adapter(model, tmp_path / "f")  # the float base's file, on the quantized base
+    batch = token_ids()
+    assert max_abs(loaded(**batch), on_quantized(**batch)) == 0
+
+
+def test_refusals():
+    model = quantized(tiny_llama(), "dynamic")
+    with pytest.raises(lora_fx.TargetError, match="dynamic activation quantization.*Quantize weights only"):
+        lora_fx.inject_lora(model, TARGETS)
+    nf4 = quantized(tiny_llama(), "nf4")
+    with pytest.raises(lora_fx.ConfigError, match="quantized \\(nf4\\).*Use plain LoRA"):
+        lora_fx.inject_lora(nf4, TARGETS, use_dora=True)
+    gm = lora_fx.inject_lora(nf4, TARGETS)
+    with pytest.raises(lora_fx.FoldError, match="quantized='bogus': choose one of"):
+        lora_fx.merge_lora(gm, quantized="bogus")
+
+
+def test_bitsandbytes_weights_name_torchao():
+    """bitsandbytes' weights do not export; the refusal names the supported route (a stand-in class
+    from bitsandbytes' module, as bitsandbytes needs its own native library)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor").TwoTensor
+    Params4bit = type("Params4bit", (two_tensor,), {"__module__": "bitsandbytes.nn.modules"})
+    reason = lora_fx.quantized.refusal(Params4bit(torch.zeros(2, 2), torch.zeros(2, 2)))
+    assert "bitsandbytes" in reason and "torchao" in reason
