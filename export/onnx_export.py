@@ -76,6 +76,7 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     """
     path = Path(path)
     _writable_target(path)
+    _check_formats(module)
     if kv_cache:
         gm = module.decode_step() if isinstance(module, LoraGraphModule) else lora_fx.capture_decoder(module)
         example_inputs = gm.capture_info.example_inputs
@@ -96,6 +97,23 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
         kv.write_genai_config(path, gm, described)
     onnx.checker.check_model(str(path))
     return path
+
+
+# quantized weight formats torch's exporter writes as ONNX that ONNX Runtime runs (int8 and the
+# int4 Intx weights stay 8-bit integers in the file, dequantized by Cast / Mul nodes in the graph)
+ONNX_FORMATS = {"int8", "intx"}
+
+
+def _check_formats(module: nn.Module) -> None:
+    """Refuse quantized weights whose export ONNX Runtime cannot load (NF4: torch's exporter mixes
+    int8 and uint8 in its bit unpacking), before writing anything."""
+    for name, p in module.named_parameters():
+        fmt = lora_fx.quantized.format_name(p)
+        if fmt and fmt not in ONNX_FORMATS:
+            raise ExportError(
+                f"{name} is a {fmt} weight; torch's ONNX exporter writes {fmt} in a form ONNX Runtime cannot load. "
+                "Fold with lora_fx.merge_lora(gm, quantized='dequantize'), export that float graph with "
+                "optimize=True and quantize it with export.quantize_onnx (ONNX Runtime's 4-bit MatMulNBits)")
 
 
 def _forward_inputs(module: nn.Module, example_inputs) -> tuple[LoraGraphModule, tuple, dict]:
