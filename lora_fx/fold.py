@@ -358,20 +358,24 @@ def merge_lora(gm: LoraGraphModule, adapters=None, *, quantized: str = "refuse",
     return new
 
 
-def merge_and_unload(gm: LoraGraphModule, adapters=None) -> nn.Module:
+def merge_and_unload(gm: LoraGraphModule, adapters=None, *, quantized: str = "refuse",
+                     max_loss: float | None = MAX_REQUANTIZE_LOSS, probe: dict | None = None) -> nn.Module:
     """The user's model class again (e.g. `LlamaForCausalLM`), with the LoRA update folded into the
     adapted weights as `merge_lora` folds it (fp32 accumulation, one rounding); `generate()`,
     `save_pretrained()` and everything else of the class work on it.
 
     Every other parameter and buffer is the user's model's own tensor, shared (or the graph's, where
     the graph was moved to another dtype or device, and the trained copies of `trainable` modules);
-    the user's model and `gm` are left as they were. `adapters` as in `merge_lora`.
+    the user's model and `gm` are left as they were. `adapters`, `quantized`, `max_loss` and `probe` as
+    in `merge_lora` (quantized="dequantize": every quantized weight of the model becomes a float one).
     """
     state = require_lora(gm, "merge_and_unload")
     source = gm.capture_info.source if gm.capture_info is not None else None
     if source is None:
         raise FoldError("merge_and_unload needs the model this graph was captured from; use merge_lora for a graph module")
-    folded = _folded_weights(gm, state, adapters, _names_by_param(gm))
+    folded = _folded_weights(gm, state, adapters, _names_by_param(gm), quantized, max_loss, probe)
+    if quantized == "dequantize":
+        folded.update({n: dequantize(p) for n, p in gm.named_parameters() if is_subclass(p) and n not in folded})
     own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     memo: dict[int, object] = {}
     for name, t in (*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the README's Layout section, as data: module -> floor
 FLOORS = {
     "lora_fx": {
-        "errors": 0, "paths": 0, "report": 0, "diff": 0,
+        "errors": 0, "paths": 0, "report": 0, "diff": 0, "quantized": 0,
         "state": 1, "modes": 1, "generation": 1, "flat": 1,
         "graph_module": 2,
         "capture": 3, "match": 3, "slot": 3,
@@ -27,12 +27,12 @@ FLOORS = {
     "export": {
         "onnx_diff": 0, "runtime": 0, "kv_cache": 0,
         "onnx_export": 1, "generation": 1,
-        "serving": 2, "render": 2,
+        "serving": 2, "render": 2, "onnx_quantize": 2,
         "cli": 3, "gpu_check": 3,
         "__init__": 4,
     },
 }
-OPTIONAL = {"safetensors", "transformers", "matplotlib"}  # may be imported where used: not every install has them
+OPTIONAL = {"safetensors", "transformers", "matplotlib", "torchao"}  # may be imported where used: not every install has them
 
 
 def _imports(package: str, path: Path):

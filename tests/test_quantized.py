@@ -136,6 +136,25 @@ def test_fold_choices(base, trained):
     effect = max_abs(unfolded, model(**batch))
     assert max_abs(folded(**batch), unfolded) < effect
     assert max_abs(folded(**batch), exact(**batch)) > 0  # rounding happened: the report is not vacuous
+    merged = lora_fx.merge_and_unload(gm, quantized="dequantize")  # the user's class, all float
+    assert type(merged) is type(model) and not any(lora_fx.quantized.is_subclass(p) for p in merged.parameters())
+    assert max_abs(merged(**batch), unfolded) < 1e-5
+
+
+def test_mixed_batches_over_a_quantized_base(base):
+    """One forward, each row its own adapter, beside the quantized weights."""
+    fmt, _, model = base
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    lora_fx.add_adapter(gm, "other", TARGETS, rank=2, alpha=4)
+    randomize_lora(gm, std=0.1)
+    batch = {**token_ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    expected = []
+    for name in ("default", "other"):
+        lora_fx.set_adapter(gm, name)
+        expected.append(gm(**batch).logits)
+    mixed = lora_fx.mixed_adapters(gm, ["default", "other"])
+    out = mixed(**batch, adapter_index=torch.tensor([1, 0])).logits
+    assert max_abs(out[0], expected[1][0]) < 1e-5 and max_abs(out[1], expected[0][1]) < 1e-5
 
 
 def test_requantize_refuses_to_erase_a_small_update(base):

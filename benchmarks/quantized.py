@@ -1,0 +1,275 @@
+"""LoRA on a quantized base, measured on SmolLM2-135M-Instruct (issue 15): base memory per format, step
+time against PEFT on the same quantized base (one interleaved run), held-out perplexity after the same
+training, what requantizing keeps of each adapter, and the ONNX deployments (size, ONNX Runtime latency
+and perplexity) of the quantized unfolded export against the float folded export.
+
+    python benchmarks/quantized.py [--steps 60] [--formats float32 bfloat16 int8 intx nf4]
+
+Formats: float32, bfloat16 (the whole model cast), int8 (torchao int8 weight-only, per row), intx
+(torchao int4 weight-only, groups of 32) and nf4 (torchao NF4, blocks of 64, scalers in blocks of 256 or the largest power of 2 that divides): the linear layers of the
+decoder layers are quantized; the tied embedding / lm_head stays float32 (a third of the model).
+Training: LoRA r=8 on q_proj + v_proj, the same short run as examples/smollm2_lora.py (60 steps x 8
+movie-review sentences, lr 1e-3), every format (and PEFT's) stepping in turn, so machine noise hits
+all alike. Writes results/quantized.{md,json}; about 25 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import export  # noqa: E402
+import lora_fx  # noqa: E402
+from common import RESULTS, markdown  # noqa: E402
+from smollm2_lora import encode, load, nll, perplexity  # noqa: E402
+from sentiment_data import movie_reviews, split  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def quantize(model: nn.Module, fmt: str) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    layers = model.model.layers
+    if fmt == "bfloat16":
+        return model.to(torch.bfloat16)
+    if fmt == "int8":
+        quantize_(layers, Int8WeightOnlyConfig())
+    elif fmt == "intx":
+        quantize_(layers, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    elif fmt == "nf4":
+        for module in layers.modules():
+            if isinstance(module, nn.Linear):
+                blocks = module.weight.numel() // 64  # QLoRA's 64-value blocks; scalers in 256s where they divide
+                scaler = next(n for n in (256, 128, 64, 32, 16, 8) if blocks % n == 0)
+                module.weight = nn.Parameter(to_nf4(module.weight.detach(), 64, scaler), requires_grad=False)
+    return model
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a (possibly quantized) tensor holds: its inner tensors for a subclass."""
+    if lora_fx.quantized.is_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
+    return t.numel() * t.element_size()
+
+
+def base_bytes(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, the decoder layers' linear weights) in bytes, each tensor once."""
+    seen, total, linear = set(), 0, 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = tensor_bytes(p.data if not lora_fx.quantized.is_subclass(p) else p)
+        total += n
+        if ".layers." in name and name.endswith("proj.weight"):
+            linear += n
+    return total, linear
+
+
+def step_fn(model, tok, texts, args):
+    """One training step on the next batch of `texts` (cycling), returning nothing."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] % args.steps
+        state["i"] += 1
+        inputs, labels = encode(tok, texts[i * args.batch:(i + 1) * args.batch], args.max_length)
+        logits = model(**inputs).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok, float_model = load()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    float_model.eval()
+    train_rows, test_rows = split(movie_reviews(), args.steps * args.batch, args.held_out)
+    train_texts, test_texts = [t for t, _ in train_rows], [t for t, _ in test_rows]
+    example, _ = encode(tok, train_texts[:2], args.max_length)
+    logits_of = lambda m: (lambda inputs: m(**inputs).logits)  # noqa: E731
+
+    bases, graphs, rows = {}, {}, {}
+    for fmt in args.formats:
+        base = quantize(copy.deepcopy(float_model), fmt).eval()
+        bases[fmt] = base
+        total, linear = base_bytes(base)
+        torch.manual_seed(0)
+        graphs[fmt] = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming", example_inputs=example)
+        rows[fmt] = {"format": fmt, "base_mb": total / 2**20, "linear_mb": linear / 2**20,
+                     "before": perplexity(logits_of(graphs[fmt]), tok, test_texts, args.max_length, desc=f"{fmt} before")}
+        print(f"{fmt}: base {total / 2**20:.1f} MB (layers' linear weights {linear / 2**20:.1f} MB), "
+              f"perplexity before {rows[fmt]['before']:.2f}", flush=True)
+
+    steps = {fmt: step_fn(graphs[fmt].train(), tok, train_texts, args) for fmt in args.formats}
+    peft_models = {}
+    if not args.no_peft:
+        from peft import LoraConfig, get_peft_model
+
+        for fmt in args.formats:
+            torch.manual_seed(0)
+            config = LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16)
+            peft_models[fmt] = get_peft_model(quantize(copy.deepcopy(float_model), fmt), config).train()
+            steps[f"peft {fmt}"] = step_fn(peft_models[fmt], tok, train_texts, args)
+    # every case steps once per round, in a new order each round; the first round is warm-up
+    times = {name: [] for name in steps}
+    order = list(steps)
+    rng = random.Random(0)
+    for r in range(args.steps + 1):
+        rng.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            steps[name]()
+            if r:
+                times[name].append(time.perf_counter() - t)
+        if r % 10 == 0:
+            print(f"round {r}/{args.steps}", flush=True)
+    for fmt in args.formats:
+        gm = graphs[fmt].eval()
+        row = rows[fmt]
+        row["step_ms"] = 1000 * statistics.median(times[fmt])
+        if fmt in peft_models:
+            row["peft_step_ms"] = 1000 * statistics.median(times[f"peft {fmt}"])
+            row["vs_peft"] = row["step_ms"] / row["peft_step_ms"]
+            peft_models[fmt].eval()
+            row["peft_after"] = perplexity(logits_of(peft_models[fmt]), tok, test_texts, args.max_length,
+                                           desc=f"peft {fmt} after")
+        row["after"] = perplexity(logits_of(gm), tok, test_texts, args.max_length, desc=f"{fmt} after")
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+    # what requantizing keeps of each adapter, on a held-out probe batch
+    probe, _ = encode(tok, test_texts[:16], args.max_length)
+    fold_rows = []
+    for fmt in args.formats:
+        if fmt in ("float32", "bfloat16"):
+            continue
+        losses = lora_fx.requantize_loss(graphs[fmt], probe=probe)
+        folded = lora_fx.merge_lora(graphs[fmt], quantized="requantize", max_loss=None)
+        exact = lora_fx.merge_lora(graphs[fmt], quantized="dequantize")
+        fold_rows.append({
+            "format": fmt,
+            "kept_mean": statistics.mean(r.kept for r in losses),
+            "kept_min": min(r.kept for r in losses),
+            "output_error_mean": statistics.mean(r.output_error for r in losses),
+            "output_error_max": max(r.output_error for r in losses),
+            "refused_at_25": sum(r.loss > lora_fx.MAX_REQUANTIZE_LOSS for r in losses),
+            "weights": len(losses),
+            "ppl_requantized": perplexity(logits_of(folded), tok, test_texts, args.max_length, desc=f"{fmt} requantized"),
+            "ppl_dequantized": perplexity(logits_of(exact), tok, test_texts, args.max_length, desc=f"{fmt} dequantized"),
+        })
+        print(fold_rows[-1], flush=True)
+
+    onnx_rows = onnx_deployments(graphs, tok, test_texts, args) if not args.no_onnx else []
+    return {"rows": list(rows.values()), "fold": fold_rows, "onnx": onnx_rows, "args": vars(args)}
+
+
+def onnx_deployments(graphs, tok, texts, args) -> list[dict]:
+    """Each format's deployment: unfolded LoRA beside the int8 / int4 base (its integers in the file),
+    and the float folded export, as is and through ONNX Runtime's 4-bit MatMulNBits."""
+    out = Path(tempfile.mkdtemp())
+    files = {}
+    for fmt in ("int8", "intx"):
+        if fmt in graphs:
+            files[f"{fmt} base + unfolded LoRA"] = export.export_onnx(graphs[fmt], out / f"{fmt}.onnx")
+    if "float32" in graphs:
+        folded = lora_fx.merge_lora(graphs["float32"])
+        files["float32 folded"] = export.export_onnx(folded, out / "float.onnx", optimize=True)
+        export.quantize_onnx(files["float32 folded"], out / "float_int4.onnx", bits=4, block_size=32)
+        files["float32 folded -> MatMulNBits 4-bit"] = out / "float_int4.onnx"
+    batch, _ = encode(tok, texts[:8], args.max_length)
+    rows = []
+    sessions = {name: export.ort_session(path, device="cpu") for name, path in files.items()}
+    times = {name: [] for name in files}
+    for _ in range(args.latency_rounds):  # interleaved
+        for name, session in sessions.items():
+            t = time.perf_counter()
+            export.ort_run(session, batch)
+            times[name].append(time.perf_counter() - t)
+    for name, path in files.items():
+        size = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+        session = sessions[name]
+        ppl = perplexity(lambda inputs, s=session: export.ort_run(s, inputs)[0], tok, texts, args.max_length, desc=name)
+        rows.append({"export": name, "size_mb": size / 2**20, "latency_ms": 1000 * statistics.median(times[name]),
+                     "ort_perplexity": ppl})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def table(s: dict) -> str:
+    a = s["args"]
+    f32 = next((r for r in s["rows"] if r["format"] == "float32"), None)
+    for r in s["rows"]:
+        if f32:
+            r["base_vs_f32"] = r["base_mb"] / f32["base_mb"]
+            r["linear_vs_f32"] = r["linear_mb"] / f32["linear_mb"]
+            r["ppl_vs_f32"] = r["after"] / f32["after"]
+    fmt = lambda rows: [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]  # noqa: E731
+    lines = [f"SmolLM2-135M-Instruct, LoRA r=8 on q_proj + v_proj, {a['steps']} steps x {a['batch']} movie-review sentences "
+             f"(max {a['max_length']} tokens), {a['threads']} threads; held-out perplexity on {a['held_out']} sentences.", "",
+             markdown(fmt(s["rows"]), [("base", "format"), ("base MB", "base_mb"), ("/ fp32", "base_vs_f32"),
+                                       ("layers' linear MB", "linear_mb"), ("/ fp32", "linear_vs_f32"),
+                                       ("step ms", "step_ms"), ("PEFT step ms", "peft_step_ms"), ("/ PEFT", "vs_peft"),
+                                       ("ppl before", "before"), ("ppl after", "after"), ("/ fp32 LoRA", "ppl_vs_f32"),
+                                       ("PEFT ppl after", "peft_after")])]
+    if s["fold"]:
+        lines += ["", "Requantizing W0 + scaling·B·A in the base's format (probe: 16 held-out sentences):", "",
+                  markdown(fmt(s["fold"]), [("base", "format"), ("share of ΔW kept (mean)", "kept_mean"),
+                                            ("min", "kept_min"), ("output error / ΔW·x (mean)", "output_error_mean"),
+                                            ("max", "output_error_max"), ("refused at 25%", "refused_at_25"),
+                                            ("weights", "weights"), ("ppl requantized", "ppl_requantized"),
+                                            ("ppl dequantized (exact)", "ppl_dequantized")])]
+    if s["onnx"]:
+        lines += ["", "ONNX deployments (ONNX Runtime CPU, 8 sentences per run):", "",
+                  markdown(fmt(s["onnx"]), [("export", "export"), ("file MB", "size_mb"), ("latency ms", "latency_ms"),
+                                            ("ORT perplexity", "ort_perplexity")])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", nargs="+", default=["float32", "bfloat16", "int8", "intx", "nf4"])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--held-out", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency-rounds", type=int, default=10)
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "quantized"))
+    args = ap.parse_args(argv)
+    summary = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "results.md").write_text(table(summary))
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
