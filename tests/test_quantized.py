@@ -280,3 +280,19 @@ def test_quantized_onnx_routes(tmp_path):
     # 4-bit noise (NF4's blocks read back into ORT's int4 ones, lm_head quantized too) stays far
     # below the adapter's effect (measured 0.10-0.19 of it over three seeds)
     assert max_abs(out, expected) < 0.3 * effect
+
+
+def test_bfloat16_base_gets_bfloat16_lora():
+    """LoRA's weights take the quantized weight's own float dtype: a bfloat16 model quantized trains
+    bfloat16 LoRA, and folds exactly into bfloat16 weights."""
+    model = quantized(tiny_llama().to(torch.bfloat16), "intx")
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    assert {p.dtype for p in lora_fx.lora_parameters(gm).values()} == {torch.bfloat16}
+    randomize_lora(gm, std=0.1)
+    batch = token_ids()
+    gm.train()
+    gm(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in lora_fx.lora_parameters(gm).values())
+    folded = lora_fx.merge_lora(gm.eval(), quantized="dequantize")
+    assert folded.get_parameter(Q).dtype == torch.bfloat16
+    assert max_abs(folded(**batch), gm(**batch)) < 0.05  # one bfloat16 rounding of the folded weights
