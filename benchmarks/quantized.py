@@ -174,9 +174,12 @@ def run(args) -> dict:
             "format": fmt,
             "kept_mean": statistics.mean(r.kept for r in losses),
             "kept_min": min(r.kept for r in losses),
+            "kept_max": max(r.kept for r in losses),
+            "subspace_error_mean": statistics.mean(r.subspace_error for r in losses),
+            "subspace_error_max": max(r.subspace_error for r in losses),
             "output_error_mean": statistics.mean(r.output_error for r in losses),
             "output_error_max": max(r.output_error for r in losses),
-            "refused_at_25": sum(r.loss > lora_fx.MAX_REQUANTIZE_LOSS for r in losses),
+            "refused": sum(r.loss > lora_fx.MAX_REQUANTIZE_LOSS for r in losses),
             "weights": len(losses),
             "ppl_requantized": perplexity(logits_of(folded), tok, test_texts, args.max_length, desc=f"{fmt} requantized"),
             "ppl_dequantized": perplexity(logits_of(exact), tok, test_texts, args.max_length, desc=f"{fmt} dequantized"),
@@ -238,8 +241,11 @@ def table(s: dict) -> str:
     if s["fold"]:
         lines += ["", "Requantizing W0 + scaling·B·A in the base's format (probe: 16 held-out sentences):", "",
                   markdown(fmt(s["fold"]), [("base", "format"), ("share of ΔW kept (mean)", "kept_mean"),
-                                            ("min", "kept_min"), ("output error / ΔW·x (mean)", "output_error_mean"),
-                                            ("max", "output_error_max"), ("refused at 25%", "refused_at_25"),
+                                            ("min", "kept_min"), ("max", "kept_max"),
+                                            ("error in ΔW's subspace (mean)", "subspace_error_mean"),
+                                            ("max", "subspace_error_max"),
+                                            ("output error / ΔW·x (mean)", "output_error_mean"),
+                                            ("max", "output_error_max"), ("refused (max_loss 0.5)", "refused"),
                                             ("weights", "weights"), ("ppl requantized", "ppl_requantized"),
                                             ("ppl dequantized (exact)", "ppl_dequantized")])]
     if s["onnx"]:

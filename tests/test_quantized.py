@@ -129,6 +129,9 @@ def test_fold_choices(base, trained):
     rows = lora_fx.requantize_loss(gm, probe=probe)
     assert [r.param for r in rows] == list(gm.lora_state.sites) and all(r.format == fmt for r in rows)
     assert all(r.output_error is not None and 0 < r.kept < 1.5 for r in rows)
+    if fmt == "int8":  # 8 bits keep a trained update whole: no force needed
+        assert min(r.kept for r in rows) > 0.9
+        lora_fx.merge_lora(gm, quantized="requantize")
     folded = lora_fx.merge_lora(gm, quantized="requantize", max_loss=None)
     assert type(folded.get_parameter(Q)) is type(model.get_parameter(Q))
     assert lora_fx.graph_diff(lora_fx.capture(model), folded).identical  # the quantized model's graph
@@ -164,7 +167,7 @@ def test_requantize_refuses_to_erase_a_small_update(base):
     randomize_lora(gm, std=1e-4)
     rows = lora_fx.requantize_loss(gm)
     assert all(r.loss > 0.9 for r in rows), rows
-    with pytest.raises(lora_fx.FoldError, match=r"lose more than 25% .*% lost"):
+    with pytest.raises(lora_fx.FoldError, match=r"lose more than 50% of the adapter's update .*% of ΔW kept"):
         lora_fx.merge_lora(gm, quantized="requantize")
     assert lora_fx.merge_lora(gm, quantized="requantize", max_loss=None) is not None  # forced
 
