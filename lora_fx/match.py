@@ -7,6 +7,8 @@ Matching is on the graph, not on module types. A weight's kind follows from its 
     embedding  2-D, read as a table by `aten.embedding` (named explicitly; "all-linear" skips it)
     experts    3-D, a stack of matrices named by parameter path (`target_parameters`), whatever
                consumes it (a grouped-mm op, `index` + `bmm`, ...)
+A quantized weight (torchao int8 / int4 / NF4) is linear: its use is its nn.Linear's whole traced
+forward (the dequantize chain), from the activation in to the output out.
 Everything that is refused is kept as a `NearMiss` saying why.
 """
 from __future__ import annotations
@@ -301,7 +303,10 @@ def quantized_uses(gm: nn.Module, owner: str) -> list[Use] | Refusal:
             return Refusal(f"its layer's traced forward reads {len(xs)} activations and gives {len(outs)} outputs; "
                            "a quantized linear layer reads one and gives one")
         x = xs.pop()
-        reads = next(n for n in region if x in n.args)
+        reads = next((n for n in region if x in n.args), None)
+        if reads is None:
+            return Refusal("its layer's traced forward reads the activation only as a keyword argument; "
+                           "a quantized linear layer reads it as an argument")
         uses.append(Use(outs[0], "linear", x=x, layout="out_in", reads=reads))
     return uses or Refusal("is not used by the captured forward")
 

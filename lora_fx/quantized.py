@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 # torchao weight classes LoRA can sit beside -> the format name lora-fx reports
 FORMATS = {"Int8Tensor": "int8", "IntxUnpackedToInt8Tensor": "intx", "NF4Tensor": "nf4"}
-# formats that requantize reads back exactly as they were (an int8 / intx / nf4 weight of torchao)
+# what merge_lora may do with a quantized weight (fold.merge_lora's `quantized`)
 FOLD_CHOICES = ("refuse", "dequantize", "requantize")
 
 
@@ -50,7 +50,7 @@ def refusal(p: torch.Tensor) -> str | None:
                 "beside torchao's int8 weight-only, int4 (Intx) and NF4 weights. Load the base model unquantized "
                 "(e.g. in bfloat16) or quantize it with one of those formats")
     if getattr(t, "act_quant_kwargs", None) is not None or getattr(t, "activation_quantization", None) is not None:
-        return (f"is a {cls.__name__} with dynamic activation quantization; its forward rounds the activation, so "
+        return (f"is a torchao {cls.__name__} with dynamic activation quantization; its forward rounds the activation, so "
                 "no gradient reaches the layers below. Quantize weights only (Int8WeightOnlyConfig, "
                 "IntxWeightOnlyConfig) to train LoRA")
     return None
