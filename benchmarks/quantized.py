@@ -4,6 +4,7 @@ training, what requantizing keeps of each adapter, and the ONNX deployments (siz
 and perplexity) of the quantized unfolded export against the float folded export.
 
     python benchmarks/quantized.py [--steps 60] [--formats float32 bfloat16 int8 intx nf4]
+    python benchmarks/quantized.py --memory-only     # peak RSS, one fresh process per format
 
 Formats: float32, bfloat16 (the whole model cast), int8 (torchao int8 weight-only, per row), intx
 (torchao int4 weight-only, groups of 32) and nf4 (torchao NF4, blocks of 64, scalers in blocks of 256 or the largest power of 2 that divides): the linear layers of the
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import export  # noqa: E402
 import lora_fx  # noqa: E402
-from common import RESULTS, markdown  # noqa: E402
+from common import RESULTS, PeakRSS, in_subprocess, markdown  # noqa: E402
 from smollm2_lora import encode, load, nll, perplexity  # noqa: E402
 from sentiment_data import movie_reviews, split  # noqa: E402
 
@@ -222,6 +223,27 @@ def onnx_deployments(graphs, tok, texts, args) -> list[dict]:
     return rows
 
 
+def peak_memory(fmt: str, args) -> dict:
+    """In this (fresh) process: peak RSS of loading the model, quantizing it, injecting LoRA and
+    training `args.rss_steps` steps, and the rise during training alone."""
+    torch.set_num_threads(args.threads)
+    with PeakRSS() as load_peak:
+        tok, model = load()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        base = quantize(model.eval(), fmt)
+        train_rows, _ = split(movie_reviews(), args.steps * args.batch, args.held_out)
+        texts = [t for t, _ in train_rows]
+        example, _ = encode(tok, texts[:2], args.max_length)
+        gm = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming", example_inputs=example).train()
+    step = step_fn(gm, tok, texts, args)
+    with PeakRSS() as train_peak:
+        for _ in range(args.rss_steps):
+            step()
+    return {"format": fmt, "peak_rss_mb": max(load_peak.peak, train_peak.peak) / 2**20,
+            "training_rise_mb": (train_peak.peak - train_peak.start) / 2**20}
+
+
 def table(s: dict) -> str:
     a = s["args"]
     f32 = next((r for r in s["rows"] if r["format"] == "float32"), None)
@@ -268,7 +290,25 @@ def main(argv=None):
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "quantized"))
+    ap.add_argument("--rss", metavar="FORMAT", help="only: peak RSS of one format in this process (prints JSON)")
+    ap.add_argument("--rss-steps", type=int, default=5)
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS table, one process per format")
     args = ap.parse_args(argv)
+    if args.rss:
+        print(json.dumps(peak_memory(args.rss, args)))
+        return
+    if args.memory_only:
+        rows = [in_subprocess("quantized", "--rss", fmt, "--threads", str(args.threads), timeout=1800)
+                for fmt in args.formats]
+        text = (f"Peak RSS per process (load + quantize + inject + {args.rss_steps} training steps; one process per "
+                "format):\n\n" + markdown([{k: f"{v:.0f}" if isinstance(v, float) else v for k, v in r.items()}
+                                            for r in rows], [("base", "format"), ("peak RSS MB", "peak_rss_mb"),
+                                                             ("rise while training MB", "training_rise_mb")]) + "\n")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "memory.md").write_text(text)
+        print(text)
+        return
     summary = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

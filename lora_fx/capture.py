@@ -245,6 +245,14 @@ def auto_dims(inputs):
 
 def _export(model: nn.Module, inputs, positional: bool, training: bool, weights: dict | None,
             kind: str = FORWARD) -> torch.fx.GraphModule:
+    ep = export_program(model, inputs, positional, training, weights, kind)
+    return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only
+
+
+def export_program(model: nn.Module, inputs, positional: bool, training: bool = False, weights: dict | None = None,
+                   kind: str = FORWARD) -> torch.export.ExportedProgram:
+    """torch.export's program of `model` on `inputs` (every dim Dim.AUTO), traced with `weights`
+    swapped in where given; a CaptureError that says what to try where export fails."""
     args, kwargs = (inputs, {}) if positional else ((), inputs)
     dynamic = decoder_dims(inputs) if kind == DECODER else auto_dims(args if positional else kwargs)
     # tracing with other weights (another graph's, maybe at another dtype or device) leaves the
@@ -263,7 +271,7 @@ def _export(model: nn.Module, inputs, positional: bool, training: bool, weights:
             "Python control flow on tensor values with torch.where or torch.cond; or capture a "
             "submodule that has no such flow. Your model was not changed."
         ) from e
-    return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only
+    return ep
 
 
 # ------------------------------------------------------------------------------------------ decoders

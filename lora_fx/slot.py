@@ -71,29 +71,34 @@ class LoraScaling(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- names
+def _under(holder: str, rest: str) -> str:
+    """`rest` under module path `holder` ("" is the module itself: a layer's own graph)."""
+    return f"{holder}.{rest}" if holder else rest
+
+
 def weight_path(site: Site, which: str, slot: str, block_index: int) -> str:
     """Where a LoRA weight lives: `<holder>.lora_A.<slot>.weight`, or `...<slot>.block<i>.weight`."""
     if site.fused:
-        return f"{site.holder}.{which}.{slot}.block{block_index}.weight"
-    return f"{site.holder}.{which}.{slot}.weight"
+        return _under(site.holder, f"{which}.{slot}.block{block_index}.weight")
+    return _under(site.holder, f"{which}.{slot}.weight")
 
 
 def scale_path(site: Site, slot: str) -> str:
-    return f"{site.holder}.lora_scaling.{slot}.scale"
+    return _under(site.holder, f"lora_scaling.{slot}.scale")
 
 
 def dropout_path(site: Site, slot: str) -> str:
-    return f"{site.holder}.lora_dropout.{slot}"
+    return _under(site.holder, f"lora_dropout.{slot}")
 
 
 def bias_path(site: Site, slot: str) -> str:
     """lora_B's bias (lora_bias): `<holder>.lora_B.<slot>.bias`."""
-    return f"{site.holder}.{LORA_B}.{slot}.bias"
+    return _under(site.holder, f"{LORA_B}.{slot}.bias")
 
 
 def magnitude_path(site: Site, slot: str) -> str:
     """DoRA's LoraMagnitude module of a site: `<holder>.lora_magnitude_vector.<slot>`."""
-    return f"{site.holder}.{LORA_M}.{slot}"
+    return _under(site.holder, f"{LORA_M}.{slot}")
 
 
 @dataclass(frozen=True)

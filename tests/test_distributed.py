@@ -54,6 +54,13 @@ def _worker(rank: int, world: int, rendezvous: str, engine: str, out: str) -> No
         local = _batch().chunk(world)[rank]
         if engine == "ddp":
             module = torch.nn.parallel.DistributedDataParallel(gm)
+        elif engine == "fsdp2-layers":  # the standard recipe, on the module tree lora_fx.unflatten gives
+            module = lora_fx.unflatten(gm)
+            for layer in module.model.layers.children():
+                fully_shard(layer)
+            fully_shard(module)
+            w = module.model.layers.get_submodule("0.self_attn.q_proj").weight
+            assert w.to_local().shape[0] == w.shape[0] // world  # each rank holds its share of each layer
         else:
             # the root only: the captured graph is flat (no submodule forward runs), so per-layer
             # groups would never be gathered
@@ -83,7 +90,7 @@ def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-layers"])
 def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
     out = str(tmp_path / "rank0.safetensors")
     _spawn(_worker, (2, str(tmp_path / "rendezvous"), engine, out), nprocs=2, deadline_s=120)

@@ -19,7 +19,7 @@ FLOORS = {
         "capture": 3, "match": 3, "slot": 3,
         "rewrite": 4,
         "attach": 5,
-        "inject": 6, "adapters": 6, "fold": 6, "mixed": 6, "saved": 6,
+        "inject": 6, "adapters": 6, "fold": 6, "mixed": 6, "saved": 6, "hierarchy": 6,
         "adapter_io": 7,
         "analysis": 8,
         "__init__": 9,

@@ -1,0 +1,93 @@
+"""The injected model with its module hierarchy again, for the recipes that work per layer.
+
+The captured graph is flat: no submodule's forward runs, so per-layer FSDP2 (`fully_shard(layer)`),
+activation checkpointing (`checkpoint_wrapper`) and regional compilation (`torch.compile(layer)`)
+have nothing to hold on to. `unflatten(gm)` captures the model again as a torch.export program and
+unflattens it (`torch.export.unflatten`: every submodule an `InterpreterModule` running its own
+graph, called by its parent), then puts LoRA into each adapted layer's own graph with the same
+rewrite as the flat graph. Every parameter, buffer and LoRA module is the flat graph's own object:
+training either trains both, adapters switch on both, and fold, diff, ONNX export and mixed batches
+stay on the flat graph.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .capture import FORWARD, export_program
+from .errors import TargetError
+from .graph_module import LoraGraphModule, require_lora
+from .match import rematch
+from .paths import set_buffer, set_parameter
+from .rewrite import insert_lora
+from .slot import has_dropout, has_magnitude, lora_bias
+from .state import Site
+
+
+def _relative(path: str | None, root: str) -> str | None:
+    if path is None or not root:
+        return path
+    return path[len(root) + 1:] if path.startswith(root + ".") else path
+
+
+def _local_site(site: Site) -> Site:
+    """`site` as its own layer sees it: paths relative to the module LoRA lives on."""
+    root = site.holder
+    return replace(site, param=_relative(site.param, root), owner="", holder="", file_holder="",
+                   bias=_relative(site.bias, root))
+
+
+def unflatten(gm: LoraGraphModule) -> nn.Module:
+    """`gm` as a module tree like the user's model (`hier.model.layers[i]` is the i-th layer, running its
+    own forward), with `gm`'s LoRA in each adapted layer's graph. Shares every tensor and LoRA module
+    with `gm`. Linear and conv layers used as products are supported; weights adapted in place
+    (W + scaling·B·A), quantized layers and expert stacks are refused."""
+    state = require_lora(gm, "unflatten")
+    cap = gm.capture_info
+    if cap is None or cap.source is None or cap.kind != FORWARD:
+        raise TargetError("unflatten needs the graph inject_lora returned for a model's forward (its source model "
+                          "is captured again with the module hierarchy)")
+    refused = [s.param for s in state.sites.values() if s.quantized or s.kind == "experts"] + sorted(state.weight_form)
+    if refused:
+        raise TargetError(f"unflatten puts LoRA beside products with an activation; {refused[0]} is adapted as a "
+                          "weight (W + scaling·B·A), a quantized layer or an expert stack. Train the flat graph")
+    own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    plain = {n: t for n, t in own.items() if type(t) in (nn.Parameter, torch.Tensor)}
+    names = {n for n, _ in cap.source.named_parameters(remove_duplicate=False)} | \
+            {n for n, _ in cap.source.named_buffers(remove_duplicate=False)}
+    program = export_program(cap.source, cap.example_inputs, cap.positional,
+                             weights={n: t for n, t in plain.items() if n in names})
+    hier = torch.export.unflatten(program)
+    for name, _ in list(hier.named_parameters(remove_duplicate=False)):
+        if name in own:
+            set_parameter(hier, name, own[name])
+    for name, _ in list(hier.named_buffers(remove_duplicate=False)):
+        if name in own:
+            set_buffer(hier, name, own[name])
+    for site in state.sites.values():
+        _adapt_layer(gm, hier, site, state.slot)
+    hier.train(gm.training)
+    return hier
+
+
+def _adapt_layer(gm: LoraGraphModule, hier: nn.Module, site: Site, slot: str) -> None:
+    """Put `site`'s LoRA (gm's own modules) into the graph of the layer it lives on."""
+    layer = hier.get_submodule(site.holder)
+    local = _local_site(site)
+    for name, child in gm.get_submodule(site.holder).named_children():
+        if name.startswith("lora_"):
+            layer.add_module(name, child)
+    layer.finalize()  # a GraphModule over the layer's graph (the same graph object) and attributes
+    code = layer.graph_module
+    for name, child in layer.named_children():
+        if name.startswith("lora_"):
+            code.add_module(name, child)
+    matches = rematch(code, [local])
+    if not matches:
+        raise TargetError(f"{site.param}: its layer's own graph ({site.holder}) has no product to put LoRA beside")
+    insert_lora(code, matches, slot,
+                {local.param} if has_dropout(gm, site, slot) else set(),
+                {local.param} if has_magnitude(gm, site, slot) else set(),
+                {local.param} if lora_bias(gm, site, slot) is not None else set())
