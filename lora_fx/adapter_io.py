@@ -109,7 +109,8 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
 
 
 def save_adapter(gm: LoraGraphModule, directory, name: str | None = None) -> Path:
-    """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder."""
+    """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder. In a process
+    group (FSDP2), every rank calls it: LoRA's shards are gathered, and rank 0 writes."""
     from safetensors.torch import save_file  # optional dependency (the `hf` extra)
 
     file = adapter_file(gm, name)
@@ -120,6 +121,8 @@ def save_adapter(gm: LoraGraphModule, directory, name: str | None = None) -> Pat
         raise AdapterFileError(f"cannot save to {directory}: it is a file, not a directory")
     config_bytes = (json.dumps(file.config, indent=2, sort_keys=True) + "\n").encode()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in file.tensors().items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return directory  # a sharded model: every rank gathered LoRA (above), rank 0 writes
     metadata = {"format": "pt", "lora_fx_config": fingerprint(file.config)}
     try:
         directory.mkdir(exist_ok=True)

@@ -357,6 +357,13 @@ def placement(state: LoraState, param: str, names: list[str]) -> list[tuple[Adap
     return out
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A LoRA weight, detached and whole: a shard (an FSDP2 DTensor) is gathered from every rank first,
+    so every rank must call what reads it."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def read(gm: nn.Module, state: LoraState, name: str) -> Weights:
     """Adapter `name`'s weights: copies out of the slots when it is active, else its own."""
     adapter = state.adapter(name)
@@ -368,7 +375,7 @@ def read(gm: nn.Module, state: LoraState, name: str) -> Weights:
         for owner, offset in placement(state, param, state.active):
             if owner is adapter:
                 r = adapter.ranks[param]
-                out[param] = [(a.detach().narrow(da, offset, r).clone(), b.detach().narrow(db, offset, r).clone())
+                out[param] = [(_whole(a).narrow(da, offset, r).clone(), _whole(b).narrow(db, offset, r).clone())
                               for a, b in tensors(gm, site, state.slot)[1]]
     return out
 

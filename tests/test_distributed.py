@@ -66,6 +66,8 @@ def _worker(rank: int, world: int, rendezvous: str, engine: str, out: str) -> No
             # groups would never be gathered
             module = fully_shard(gm)
         _train(module, gm, local)
+        if engine == "fsdp2-layers":  # every rank calls it; LoRA's shards are gathered, rank 0 writes
+            lora_fx.save_adapter(gm, out + ".adapter")
         weights = _lora(gm)
         if rank == 0:
             save_file(weights, out)
@@ -102,6 +104,13 @@ def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
     assert moved > 1e-3  # training did change the weights
     for k, v in reference.items():
         assert torch.allclose(distributed[k], v, atol=1e-5, rtol=1e-4), (k, (distributed[k] - v).abs().max())
+    if engine == "fsdp2-layers":  # the adapter saved from the sharded model is the single process's file
+        lora_fx.save_adapter(gm, tmp_path / "single")
+        sharded, single = load_file(out + ".adapter/adapter_model.safetensors"), load_file(tmp_path / "single" / "adapter_model.safetensors")
+        assert sharded.keys() == single.keys()
+        assert all(torch.allclose(sharded[k], single[k], atol=1e-5, rtol=1e-4) for k in single)
+        assert (tmp_path / "single" / "adapter_config.json").read_text() == \
+            (tmp_path / "rank0.safetensors.adapter" / "adapter_config.json").read_text()
 
 
 def test_trains_inside_transformers_trainer(tmp_path):
