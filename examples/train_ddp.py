@@ -1,6 +1,7 @@
-"""Data-parallel LoRA training with torchrun (one node or many).
+"""Data-parallel LoRA training with torchrun (one node or many): DDP, or FSDP2 per layer.
 
     torchrun --nproc-per-node 2 examples/train_ddp.py                      # one machine, 2 processes
+    torchrun --nproc-per-node 2 examples/train_ddp.py --engine fsdp2       # FSDP2, one group per layer
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 \\
              --master-addr node0 --master-port 29500 examples/train_ddp.py --backend nccl   # on node 0
     (the same with --node-rank 1 on node 1)
@@ -9,6 +10,9 @@ What lora-fx does on each rank: every rank captures the model itself (same code,
 inputs: the graph does not depend on the rank), injects LoRA with the same seed (so every rank starts
 from the same A), and DistributedDataParallel then all-reduces the gradients of the LoRA weights only:
 the frozen base weights have requires_grad=False and never enter a bucket. Rank 0 saves the adapter.
+With --engine fsdp2 the module tree (`lora_fx.unflatten`) is sharded layer by layer (frozen base and
+trainable LoRA in one group, which FSDP2 allows); every rank calls save_adapter (LoRA's shards are
+gathered) and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_fx
@@ -25,6 +30,7 @@ import lora_fx
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (GPU)")
+    ap.add_argument("--engine", choices=["ddp", "fsdp2"], default="ddp")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="results/ddp_adapter")
     args = ap.parse_args()
@@ -38,20 +44,27 @@ def main():
     gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=8, alpha=16,
                              example_inputs={"input_ids": data[:2].to(device), "labels": data[:2].to(device)})
     gm.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(gm)
+    if args.engine == "ddp":
+        module = torch.nn.parallel.DistributedDataParallel(gm)
+    else:
+        module = lora_fx.unflatten(gm)
+        for layer in module.model.layers.children():
+            fully_shard(layer)
+        fully_shard(module)
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=3e-3)
     shard = data[rank::world].to(device)  # each rank its own slice of the data
     for step in range(args.steps):
         batch = shard[(step * 4) % len(shard):][:4]
-        loss = ddp(input_ids=batch, labels=batch).loss
+        loss = module(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if rank == 0 and step % 5 == 0:
             print(f"step {step}: loss {loss.item():.3f} (rank 0 of {world})", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    saved = lora_fx.save_adapter(gm, args.out)  # every rank: FSDP2's LoRA shards are gathered; rank 0 writes
     if rank == 0:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        print("saved", lora_fx.save_adapter(gm, args.out))
+        print("saved", saved)
     dist.destroy_process_group()
 
 
