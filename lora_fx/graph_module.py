@@ -115,6 +115,18 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     # -- calls ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        try:
+            return self._dispatch(*args, **kwargs)
+        except RuntimeError as e:
+            sharded = [n for n, m in self.named_modules() if n and type(m).__name__.startswith("FSDP")]
+            if sharded and "DTensor" in str(e):
+                raise TargetError(
+                    f"{sharded[0]} was sharded with fully_shard, but this graph is flat: no submodule's forward "
+                    "runs, so its shards are never gathered. Shard the flat graph at the root only "
+                    "(fully_shard(gm)), or shard layer by layer on lora_fx.unflatten(gm)") from e
+            raise
+
+    def _dispatch(self, *args, **kwargs):
         cap = self.capture_info
         if cap is None or cap.positional or cap.signature is None or torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)

@@ -80,6 +80,28 @@ def _worker(rank: int, world: int, rendezvous: str, engine: str, out: str) -> No
         dist.destroy_process_group()
 
 
+def _flat_layers_worker(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=1)
+    try:
+        gm = _injected()
+        fully_shard(gm.get_submodule("model.layers.0"))  # a layer of the flat graph: its forward never runs
+        try:
+            gm(input_ids=_batch())
+            message = "no error"
+        except lora_fx.TargetError as e:
+            message = str(e)
+        with open(out, "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharding_a_layer_of_the_flat_graph_says_so(tmp_path):
+    out = tmp_path / "message.txt"
+    _spawn(_flat_layers_worker, (str(tmp_path / "rendezvous"), str(out)), nprocs=1, deadline_s=120)
+    assert "this graph is flat" in out.read_text() and "lora_fx.unflatten(gm)" in out.read_text()
+
+
 def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
     """mp.spawn with a deadline: a stuck rank fails the test instead of hanging CI."""
     context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
