@@ -31,7 +31,7 @@ from .errors import (
 from .fold import MAX_REQUANTIZE_LOSS, RequantizeLoss, delta_bias, delta_weight, merge_and_unload, merge_lora, requantize_loss
 from .generation import MODEL_DEFAULT, Sampling, check_request, generate_with, max_positions, special_tokens
 from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
-from .hierarchy import unflatten
+from .hierarchy import check_ranks, unflatten
 from .inject import inject_lora
 from .mixed import bank_name, bank_source, mixed_adapters
 from .report import InjectReport, NearMiss
@@ -47,6 +47,7 @@ __all__ = [
     "inject_lora",
     "merge_lora",
     "unflatten",
+    "check_ranks",
     "merge_and_unload",
     "delta_weight",
     "delta_bias",

@@ -11,6 +11,7 @@ stay on the flat graph.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import torch
@@ -39,11 +40,29 @@ def _local_site(site: Site) -> Site:
                    bias=_relative(site.bias, root))
 
 
+def check_ranks(gm: LoraGraphModule) -> None:
+    """In a process group, check that every rank holds the same graph (the same inputs, targets,
+    ranks): a rank that differs would otherwise hang the first collective of a sharded step. Every
+    rank must call it (unflatten does)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    state = gm.lora_state
+    sites = sorted((p, a.ranks.get(p)) for a in state.adapters.values() for p in a.ranks) if state else []
+    mine = hashlib.sha256((gm.code + repr(sites)).encode()).hexdigest()
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    differ = [r for r, h in enumerate(everyone) if h != everyone[0]]
+    if differ:
+        raise TargetError(f"ranks {differ} hold another graph than rank 0 (other example inputs, targets or ranks "
+                          "given to inject_lora on those ranks?); every rank must capture and inject the same way")
+
+
 def unflatten(gm: LoraGraphModule) -> nn.Module:
     """`gm` as a module tree like the user's model (`hier.model.layers[i]` is the i-th layer, running its
     own forward), with `gm`'s LoRA in each adapted layer's graph. Shares every tensor and LoRA module
     with `gm`. Linear and conv layers used as products are supported; weights adapted in place
-    (W + scaling·B·A), quantized layers and expert stacks are refused."""
+    (W + scaling·B·A), quantized layers and expert stacks are refused. In a process group every rank
+    calls it, and a rank whose graph differs from rank 0's is an error here (`check_ranks`)."""
     state = require_lora(gm, "unflatten")
     cap = gm.capture_info
     if cap is None or cap.source is None or cap.kind != FORWARD:
@@ -53,6 +72,7 @@ def unflatten(gm: LoraGraphModule) -> nn.Module:
     if refused:
         raise TargetError(f"unflatten puts LoRA beside products with an activation; {refused[0]} is adapted as a "
                           "weight (W + scaling·B·A), a quantized layer or an expert stack. Train the flat graph")
+    check_ranks(gm)
     own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     plain = {n: t for n, t in own.items() if type(t) in (nn.Parameter, torch.Tensor)}
     names = {n for n, _ in cap.source.named_parameters(remove_duplicate=False)} | \

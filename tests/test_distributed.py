@@ -102,6 +102,31 @@ def test_sharding_a_layer_of_the_flat_graph_says_so(tmp_path):
     assert "this graph is flat" in out.read_text() and "lora_fx.unflatten(gm)" in out.read_text()
 
 
+def _mismatch_worker(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        targets = ["q_proj", "v_proj"] if rank == 0 else ["q_proj"]  # rank 1 was started with other targets
+        gm = lora_fx.inject_lora(tiny_llama(), targets, rank=4, example_inputs={"input_ids": _batch()[:2]})
+        try:
+            lora_fx.unflatten(gm)
+            message = "no error"
+        except lora_fx.TargetError as e:
+            message = str(e)
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_another_graph_is_an_error_not_a_hang(tmp_path):
+    out = str(tmp_path / "message")
+    _spawn(_mismatch_worker, (str(tmp_path / "rendezvous"), out), nprocs=2, deadline_s=120)
+    for rank in (0, 1):
+        assert "ranks [1] hold another graph than rank 0" in open(f"{out}.{rank}").read()
+
+
 def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
     """mp.spawn with a deadline: a stuck rank fails the test instead of hanging CI."""
     context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
