@@ -22,8 +22,8 @@ from .errors import TargetError
 from .graph_module import LoraGraphModule, require_lora
 from .match import rematch
 from .paths import set_buffer, set_parameter
-from .rewrite import insert_lora
-from .slot import has_dropout, has_magnitude, lora_bias
+from .rewrite import LORA_META, insert_lora
+from .slot import has_dropout, has_magnitude, lora_bias, scale_path
 from .state import Site
 
 
@@ -57,12 +57,16 @@ def check_ranks(gm: LoraGraphModule) -> None:
                           "given to inject_lora on those ranks?); every rank must capture and inject the same way")
 
 
-def unflatten(gm: LoraGraphModule) -> nn.Module:
+def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """`gm` as a module tree like the user's model (`hier.model.layers[i]` is the i-th layer, running its
     own forward), with `gm`'s LoRA in each adapted layer's graph. Shares every tensor and LoRA module
     with `gm`. Linear and conv layers used as products are supported; weights adapted in place
     (W + scaling·B·A), quantized layers and expert stacks are refused. In a process group every rank
-    calls it, and a rank whose graph differs from rank 0's is an error here (`check_ranks`)."""
+    calls it, and a rank whose graph differs from rank 0's is an error here (`check_ranks`).
+
+    compute_dtype: the dtype the layers will compute in, when it is not the weights' own (FSDP2's
+    MixedPrecisionPolicy(param_dtype=torch.bfloat16) gathers bfloat16 weights): an exported graph
+    fixes its dtypes, so the tree is traced at that dtype; its weights stay the graph's own."""
     state = require_lora(gm, "unflatten")
     cap = gm.capture_info
     if cap is None or cap.source is None or cap.kind != FORWARD:
@@ -77,8 +81,14 @@ def unflatten(gm: LoraGraphModule) -> nn.Module:
     plain = {n: t for n, t in own.items() if type(t) in (nn.Parameter, torch.Tensor)}
     names = {n for n, _ in cap.source.named_parameters(remove_duplicate=False)} | \
             {n for n, _ in cap.source.named_buffers(remove_duplicate=False)}
-    program = export_program(cap.source, cap.example_inputs, cap.positional,
-                             weights={n: t for n, t in plain.items() if n in names})
+    def at_dtype(t):  # parameters only: FSDP2's policy casts parameters, buffers stay as they are
+        if compute_dtype is None or not isinstance(t, nn.Parameter) or not t.is_floating_point():
+            return t
+        cast = t.detach().to(compute_dtype)
+        return nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+
+    traced = {n: at_dtype(t) for n, t in plain.items() if n in names}
+    program = export_program(cap.source, cap.example_inputs, cap.positional, weights=traced)
     hier = torch.export.unflatten(program)
     for name, _ in list(hier.named_parameters(remove_duplicate=False)):
         if name in own:
@@ -87,12 +97,12 @@ def unflatten(gm: LoraGraphModule) -> nn.Module:
         if name in own:
             set_buffer(hier, name, own[name])
     for site in state.sites.values():
-        _adapt_layer(gm, hier, site, state.slot)
+        _adapt_layer(gm, hier, site, state.slot, compute_dtype)
     hier.train(gm.training)
     return hier
 
 
-def _adapt_layer(gm: LoraGraphModule, hier: nn.Module, site: Site, slot: str) -> None:
+def _adapt_layer(gm: LoraGraphModule, hier: nn.Module, site: Site, slot: str, compute_dtype) -> None:
     """Put `site`'s LoRA (gm's own modules) into the graph of the layer it lives on."""
     layer = hier.get_submodule(site.holder)
     local = _local_site(site)
@@ -111,3 +121,11 @@ def _adapt_layer(gm: LoraGraphModule, hier: nn.Module, site: Site, slot: str) ->
                 {local.param} if has_dropout(gm, site, slot) else set(),
                 {local.param} if has_magnitude(gm, site, slot) else set(),
                 {local.param} if lora_bias(gm, site, slot) is not None else set())
+    if compute_dtype is not None:  # the scale is a buffer (FSDP2 casts parameters only): read it at that dtype
+        scale = scale_path(local, slot)
+        for node in list(code.graph.find_nodes(op="get_attr", target=scale)):
+            with code.graph.inserting_after(node):
+                cast = code.graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": compute_dtype})
+            cast.meta[LORA_META] = node.meta.get(LORA_META, {})
+            node.replace_all_uses_with(cast, delete_user_cb=lambda user, cast=cast: user is not cast)
+        code.recompile()

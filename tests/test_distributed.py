@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import lora_fx
 from helpers import tiny_llama
@@ -54,11 +54,14 @@ def _worker(rank: int, world: int, rendezvous: str, engine: str, out: str) -> No
         local = _batch().chunk(world)[rank]
         if engine == "ddp":
             module = torch.nn.parallel.DistributedDataParallel(gm)
-        elif engine == "fsdp2-layers":  # the standard recipe, on the module tree lora_fx.unflatten gives
-            module = lora_fx.unflatten(gm)
+        elif engine.startswith("fsdp2-layers"):  # the standard recipe, on the module tree lora_fx.unflatten gives
+            bf16 = engine.endswith("bf16")
+            module = lora_fx.unflatten(gm, compute_dtype=torch.bfloat16 if bf16 else None)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if bf16 else MixedPrecisionPolicy()
             for layer in module.model.layers.children():
-                fully_shard(layer)
-            fully_shard(module)
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(module, mp_policy=policy)
             w = module.model.layers.get_submodule("0.self_attn.q_proj").weight
             assert w.to_local().shape[0] == w.shape[0] // world  # each rank holds its share of each layer
         else:
@@ -66,7 +69,7 @@ def _worker(rank: int, world: int, rendezvous: str, engine: str, out: str) -> No
             # groups would never be gathered
             module = fully_shard(gm)
         _train(module, gm, local)
-        if engine == "fsdp2-layers":  # every rank calls it; LoRA's shards are gathered, rank 0 writes
+        if engine.startswith("fsdp2-layers"):  # every rank calls it; LoRA's shards are gathered, rank 0 writes
             lora_fx.save_adapter(gm, out + ".adapter")
         weights = _lora(gm)
         if rank == 0:
@@ -139,7 +142,7 @@ def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-layers"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-layers", "fsdp2-layers-bf16"])
 def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
     out = str(tmp_path / "rank0.safetensors")
     _spawn(_worker, (2, str(tmp_path / "rendezvous"), engine, out), nprocs=2, deadline_s=120)
@@ -149,13 +152,20 @@ def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
     assert reference.keys() == distributed.keys() and reference
     moved = max((v - _lora(_injected())[k]).abs().max().item() for k, v in reference.items())
     assert moved > 1e-3  # training did change the weights
+    start = _lora(_injected())
     for k, v in reference.items():
+        if engine.endswith("bf16"):  # layers compute in bfloat16: the same training direction, not the same bits
+            ours, theirs = (distributed[k] - start[k]).flatten(), (v - start[k]).flatten()
+            cosine = float(ours @ theirs / (ours.norm() * theirs.norm()))
+            assert cosine > 0.8, (k, cosine)
+            continue
         assert torch.allclose(distributed[k], v, atol=1e-5, rtol=1e-4), (k, (distributed[k] - v).abs().max())
-    if engine == "fsdp2-layers":  # the adapter saved from the sharded model is the single process's file
+    if engine.startswith("fsdp2-layers"):  # the adapter saved from the sharded model is the single process's file
         lora_fx.save_adapter(gm, tmp_path / "single")
         sharded, single = load_file(out + ".adapter/adapter_model.safetensors"), load_file(tmp_path / "single" / "adapter_model.safetensors")
         assert sharded.keys() == single.keys()
-        assert all(torch.allclose(sharded[k], single[k], atol=1e-5, rtol=1e-4) for k in single)
+        if not engine.endswith("bf16"):
+            assert all(torch.allclose(sharded[k], single[k], atol=1e-5, rtol=1e-4) for k in single)
         assert (tmp_path / "single" / "adapter_config.json").read_text() == \
             (tmp_path / "rank0.safetensors.adapter" / "adapter_config.json").read_text()
 
