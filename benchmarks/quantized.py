@@ -235,12 +235,17 @@ def peak_memory(fmt: str, args) -> dict:
         train_rows, _ = split(movie_reviews(), args.steps * args.batch, args.held_out)
         texts = [t for t, _ in train_rows]
         example, _ = encode(tok, texts[:2], args.max_length)
-        gm = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming", example_inputs=example).train()
+        if args.rss_peft:
+            from peft import LoraConfig, get_peft_model
+
+            gm = get_peft_model(base, LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16)).train()
+        else:
+            gm = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming", example_inputs=example).train()
     step = step_fn(gm, tok, texts, args)
     with PeakRSS() as train_peak:
         for _ in range(args.rss_steps):
             step()
-    return {"format": fmt, "peak_rss_mb": max(load_peak.peak, train_peak.peak) / 2**20,
+    return {"format": f"{fmt} (PEFT)" if args.rss_peft else fmt, "peak_rss_mb": max(load_peak.peak, train_peak.peak) / 2**20,
             "training_rise_mb": (train_peak.peak - train_peak.start) / 2**20}
 
 
@@ -292,14 +297,15 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "quantized"))
     ap.add_argument("--rss", metavar="FORMAT", help="only: peak RSS of one format in this process (prints JSON)")
     ap.add_argument("--rss-steps", type=int, default=5)
+    ap.add_argument("--rss-peft", action="store_true", help="with --rss: PEFT's LoRA instead of lora-fx's")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS table, one process per format")
     args = ap.parse_args(argv)
     if args.rss:
         print(json.dumps(peak_memory(args.rss, args)))
         return
     if args.memory_only:
-        rows = [in_subprocess("quantized", "--rss", fmt, "--threads", str(args.threads), timeout=1800)
-                for fmt in args.formats]
+        rows = [in_subprocess("quantized", "--rss", fmt, "--threads", str(args.threads), *extra, timeout=1800)
+                for fmt in args.formats for extra in ([], ["--rss-peft"])]
         text = (f"Peak RSS per process (load + quantize + inject + {args.rss_steps} training steps; one process per "
                 "format):\n\n" + markdown([{k: f"{v:.0f}" if isinstance(v, float) else v for k, v in r.items()}
                                             for r in rows], [("base", "format"), ("peak RSS MB", "peak_rss_mb"),
