@@ -58,8 +58,9 @@ def check_ranks(gm: LoraGraphModule) -> None:
 
 
 def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """`gm` as a module tree like the user's model (`hier.model.layers[i]` is the i-th layer, running its
-    own forward), with `gm`'s LoRA in each adapted layer's graph. Shares every tensor and LoRA module
+    """`gm` as a module tree like the user's model (`hier.model.layers.get_submodule("3")` is the fourth
+    layer, running its own forward; a ModuleList becomes a module whose children are named "0", "1",
+    ...), with `gm`'s LoRA in each adapted layer's graph. Shares every tensor and LoRA module
     with `gm`. Linear and conv layers used as products are supported; weights adapted in place
     (W + scaling·B·A), quantized layers and expert stacks are refused. In a process group every rank
     calls it, and a rank whose graph differs from rank 0's is an error here (`check_ranks`).
