@@ -109,16 +109,23 @@ def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     return _dora(w0 + delta, site, magnitude) - w0
 
 
-def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
-    """W0 + update, accumulated in fp32 (one addmm per block, no weight-sized temporaries beyond
-    the fp32 copy) and cast once to W0's dtype."""
-    w0 = gm.get_parameter(site.param)
+def _finite_factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
+    """`_factors`, refused when they hold NaN or inf (a fold would corrupt the weight)."""
     factors = _factors(gm, site, adapters)
-    if w0.device.type != "meta" and not all(torch.isfinite(t).all() for _, b, a in factors for t in (b, a)):
+    if gm.get_parameter(site.param).device.type != "meta" and \
+            not all(torch.isfinite(t).all() for _, b, a in factors for t in (b, a)):
         raise FoldError(
             f"LoRA weights of {site.param} hold NaN or inf; folding would corrupt the weight. "
             "Check the training run (learning rate, loss scaling) or reload the adapter."
         )
+    return factors
+
+
+def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
+    """W0 + update, accumulated in fp32 (one addmm per block, no weight-sized temporaries beyond
+    the fp32 copy) and cast once to W0's dtype."""
+    w0 = gm.get_parameter(site.param)
+    factors = _finite_factors(gm, site, adapters)
     w = dequantize(w0).float() if site.quantized else w0.detach().to(torch.float32, copy=True)
     if site.kind != "linear":  # conv, embedding, experts: one delta in the weight's shape
         w += _lora_delta(site, factors, w.device)
@@ -243,29 +250,40 @@ def _spans(site: Site, factors: list[tuple]) -> tuple[torch.Tensor, torch.Tensor
     return torch.linalg.qr(torch.cat(bs, 1)).Q, torch.linalg.qr(torch.cat(as_, 0).T).Q
 
 
+def _requantized(gm: LoraGraphModule, site: Site, factors: list[tuple], x: torch.Tensor | None
+                 ) -> tuple[RequantizeLoss, torch.Tensor]:
+    """W0 + update quantized again in W0's format, and what that keeps of the update (`x`: the site's
+    probe activations, or None)."""
+    w = gm.get_parameter(site.param)
+    w0 = dequantize(w).float()
+    delta = _lora_delta(site, factors, w0.device)  # a quantized site is linear: no DoRA, no layout change
+    weight = requantize(w0 + delta, w)
+    kept_delta = dequantize(weight).float() - w0
+    norm = float(delta.norm()) or 1.0
+    kept = float((kept_delta * delta).sum()) / norm ** 2
+    error = float((kept_delta - delta).norm()) / norm
+    u, v = _spans(site, factors)
+    inside = float((u.T @ (kept_delta - delta) @ v).norm()) / norm
+    out = None
+    if x is not None:
+        out = float((x @ (kept_delta - delta).T).norm()) / (float((x @ delta.T).norm()) or 1.0)
+    return RequantizeLoss(site.param, site.quantized, kept, inside, error, out), weight
+
+
+def _requantize_all(gm: LoraGraphModule, adapters, probe: dict | None, finite: bool = False
+                    ) -> dict[str, tuple[RequantizeLoss, torch.Tensor]]:
+    """`_requantized` for every quantized site (refusing NaN / inf factors when `finite`: a fold)."""
+    sites = [s for s in gm.lora_state.sites.values() if s.quantized]
+    xs = _site_inputs(gm, probe, sites) if probe is not None and sites else {}
+    factors = _finite_factors if finite else _factors
+    return {s.param: _requantized(gm, s, factors(gm, s, adapters), xs.get(s.param)) for s in sites}
+
+
 def requantize_loss(gm: LoraGraphModule, adapters=None, probe: dict | None = None) -> list[RequantizeLoss]:
     """What requantizing would keep of the update of every quantized weight (merge_lora's
     quantized="requantize"), measured: on the weights, and on `probe` (the model's inputs) when given."""
-    state = require_lora(gm, "requantize_loss")
-    sites = [s for s in state.sites.values() if s.quantized]
-    xs = _site_inputs(gm, probe, sites) if probe is not None and sites else {}
-    rows = []
-    for site in sites:
-        w = gm.get_parameter(site.param)
-        w0 = dequantize(w).float()
-        delta = delta_weight(gm, site, adapters)
-        kept_delta = dequantize(requantize(w0 + delta, w)).float() - w0
-        norm = float(delta.norm()) or 1.0
-        kept = float((kept_delta * delta).sum()) / norm ** 2
-        error = float((kept_delta - delta).norm()) / norm
-        u, v = _spans(site, _factors(gm, site, adapters))
-        inside = float((u.T @ (kept_delta - delta) @ v).norm()) / norm
-        out = None
-        if site.param in xs:
-            x = xs[site.param]
-            out = float((x @ (kept_delta - delta).T).norm()) / (float((x @ delta.T).norm()) or 1.0)
-        rows.append(RequantizeLoss(site.param, site.quantized, kept, inside, error, out))
-    return rows
+    require_lora(gm, "requantize_loss")
+    return [row for row, _ in _requantize_all(gm, adapters, probe).values()]
 
 
 def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_param, quantized: str = "refuse",
@@ -274,7 +292,7 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
     and a choice for quantized weights."""
     if adapters is not None:
         adapter_mix(state, adapters)  # unknown names fail before any work
-    _check_quantized(gm, state, adapters, quantized, max_loss, probe)
+    requantized = _check_quantized(gm, state, adapters, quantized, max_loss, probe)
     feeds = combine_inputs(gm.graph)
     folded = {}
     for site in state.sites.values():
@@ -283,9 +301,7 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
             _check_not_shared(gm.graph, feeds, site, names - {site.param})
         else:
             _check_not_shared(gm.graph, feeds, site, names)
-        folded[site.param] = folded_weight(gm, site, adapters)
-        if site.quantized and quantized == "requantize":
-            folded[site.param] = requantize(folded[site.param], gm.get_parameter(site.param))
+        folded[site.param] = requantized[site.param] if site.param in requantized else folded_weight(gm, site, adapters)
         extra = delta_bias(gm, site, adapters)
         if extra is not None:  # lora_bias: into the layer's own bias, in fp32, rounded once
             b0 = gm.get_parameter(site.bias)
@@ -293,14 +309,16 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
     return folded
 
 
-def _check_quantized(gm: LoraGraphModule, state: LoraState, adapters, quantized: str, max_loss, probe) -> None:
+def _check_quantized(gm: LoraGraphModule, state: LoraState, adapters, quantized: str, max_loss,
+                     probe) -> dict[str, torch.Tensor]:
     """Folding into quantized weights is a choice the caller makes, and requantizing one that would
-    lose more than `max_loss` of the adapter's effect is refused with the measured figures."""
+    lose more than `max_loss` of the adapter's effect is refused with the measured figures. Returns
+    the requantized weights (quantized="requantize"), measured once for the check and the fold."""
     if quantized not in FOLD_CHOICES:
         raise FoldError(f"quantized={quantized!r}: choose one of {list(FOLD_CHOICES)}")
     sites = [s for s in state.sites.values() if s.quantized]
     if not sites or quantized == "dequantize":
-        return
+        return {}
     if quantized == "refuse":
         raise FoldError(
             f"{len(sites)} adapted weights are quantized ({sites[0].param}: {sites[0].quantized}); folding into them is a "
@@ -308,9 +326,8 @@ def _check_quantized(gm: LoraGraphModule, state: LoraState, adapters, quantized:
             "model's and the weights take float memory), quantized='requantize' quantizes W0 + scaling*B@A again in "
             "the base's format (same memory; loses what the format cannot hold: see lora_fx.requantize_loss(gm, "
             "probe=inputs)). Or keep LoRA unfolded beside the quantized base")
-    if max_loss is None:
-        return
-    lost = [r for r in requantize_loss(gm, adapters, probe) if r.loss > max_loss]
+    measured = _requantize_all(gm, adapters, probe, finite=True)
+    lost = [r for r, _ in measured.values() if max_loss is not None and r.loss > max_loss]
     if lost:
         rows = "; ".join(f"{r.param}: {r.kept:.0%} of ΔW kept" + (f", output error {r.output_error:.0%} of ΔW·x"
                          if r.output_error is not None else "") for r in lost[:4])
@@ -318,6 +335,7 @@ def _check_quantized(gm: LoraGraphModule, state: LoraState, adapters, quantized:
             f"requantizing in the base's format would lose more than {max_loss:.0%} of the adapter's update on "
             f"{len(lost)} weights: {rows}. Fold with quantized='dequantize' (exact), keep LoRA unfolded, or accept "
             "the loss with max_loss=None")
+    return {param: weight for param, (_, weight) in measured.items()}
 
 
 def _float_capture(gm: LoraGraphModule, folded: dict[str, torch.Tensor]) -> LoraGraphModule:
