@@ -260,24 +260,40 @@ def _uses(get_attrs: dict, names: list[str], owner: str):
     return uses, tables, left_alone
 
 
-def _weight_side(node: torch.fx.Node, memo: dict) -> bool:
-    """Whether `node` is computed from weights and constants alone (no model input reaches it)."""
-    if node not in memo:
-        if node.op == "placeholder":
-            memo[node] = False
-        elif node.op == "get_attr":
-            memo[node] = True
-        else:
-            memo[node] = all(_weight_side(i, memo) for i in node.all_input_nodes)
-    return memo[node]
+class LayerCalls:
+    """The nodes each module's calls traced (innermost nn_module_stack entry), and the nodes computed
+    from weights and constants alone (no model input reaches them): both indexed once per graph, in
+    one pass in graph order, on first use."""
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
+        self._index: dict[str, dict[str, list[torch.fx.Node]]] | None = None
+        self._weight_side: set[torch.fx.Node] = set()
+
+    def _build(self) -> None:
+        self._index = {}
+        for node in self.graph.nodes:
+            if node.op == "get_attr" or (node.op != "placeholder" and
+                                         all(i in self._weight_side for i in node.all_input_nodes)):
+                self._weight_side.add(node)
+            stack = node.meta.get("nn_module_stack")
+            if node.op == "call_function" and stack:
+                key, (owner, _) = list(stack.items())[-1]
+                self._index.setdefault(owner, {}).setdefault(key, []).append(node)
+
+    def of(self, path: str) -> dict[str, list[torch.fx.Node]]:
+        """Call key -> nodes, for each call of the module at `path`."""
+        if self._index is None:
+            self._build()
+        return self._index.get(path, {})
+
+    def is_activation(self, node: torch.fx.Node) -> bool:
+        """A float tensor some model input reaches (call `of` first)."""
+        val = node.meta.get("val")
+        return isinstance(val, torch.Tensor) and val.is_floating_point() and node not in self._weight_side
 
 
-def _is_activation(node: torch.fx.Node, memo: dict) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.is_floating_point() and not _weight_side(node, memo)
-
-
-def quantized_uses(gm: nn.Module, owner: str) -> list[Use] | Refusal:
+def quantized_uses(gm: nn.Module, owner: str, calls: LayerCalls) -> list[Use] | Refusal:
     """Each call of the quantized nn.Linear at `owner`, as a linear use: from the activation it reads
     to the output of its dequantize chain. The chain is everything traced inside the layer's
     forward (its nn_module_stack), whatever the format spells there."""
@@ -286,18 +302,10 @@ def quantized_uses(gm: nn.Module, owner: str) -> list[Use] | Refusal:
     if not isinstance(module, nn.Linear):
         return Refusal(f"is a quantized weight of a {type(module).__name__}; LoRA sits beside quantized nn.Linear "
                        "layers only (their forward is the product it adds to)")
-    calls: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op == "call_function" and stack:
-            key, (path, _) = list(stack.items())[-1]
-            if path == owner:
-                calls.setdefault(key, []).append(node)
-    memo: dict = {}
     uses = []
-    for key, region in calls.items():
+    for key, region in calls.of(owner).items():
         inside = set(region)
-        xs = {i for n in region for i in n.all_input_nodes if i not in inside and _is_activation(i, memo)}
+        xs = {i for n in region for i in n.all_input_nodes if i not in inside and calls.is_activation(i)}
         outs = [n for n in region if any(u not in inside for u in n.users)]
         if len(xs) != 1 or len(outs) != 1:
             return Refusal(f"its layer's traced forward reads {len(xs)} activations and gives {len(outs)} outputs; "
@@ -318,11 +326,12 @@ def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
     for name, p in gm.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(p), []).append(name)
     get_attrs = _get_attrs(gm.graph)
+    calls = LayerCalls(gm.graph)
     matches = []
     for site in sites:
         names = names_by_param.get(id(gm.get_parameter(site.param)), [site.param])
         if site.quantized:
-            uses = quantized_uses(gm, site.owner)
+            uses = quantized_uses(gm, site.owner, calls)
             if not isinstance(uses, Refusal):
                 matches.append(Match(site, uses))
             continue
@@ -522,6 +531,7 @@ def match_weights(
 
     cap = getattr(gm, "capture_info", None)
     attention = attention_paths(cap.source if cap is not None else None)
+    calls = LayerCalls(gm.graph)
     matches: list[Match] = []
     near: list[NearMiss] = []
     named: set[str] = set()  # spec entries that name some parameter
@@ -535,10 +545,10 @@ def match_weights(
             named.add(key)
             p = gm.get_parameter(name)
             if is_subclass(p) and refusal(p) is None:  # a quantized weight: its layer's calls
-                uses, tables, left_alone = quantized_uses(gm, _owner(name)[0]), [], []
+                uses, tables, left_alone = quantized_uses(gm, _owner(name)[0], calls), [], []
             else:
                 uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
-            kind = _kind(spec, name, gm.get_parameter(name), uses, tables, by_parameter is not None)
+            kind = _kind(spec, name, p, uses, tables, by_parameter is not None)
             if isinstance(kind, Refusal):
                 if not kind.quiet:
                     near.append(NearMiss(key, name, kind.reason))

@@ -24,6 +24,11 @@ FORMATS = {"Int8Tensor": "int8", "IntxUnpackedToInt8Tensor": "intx", "NF4Tensor"
 FOLD_CHOICES = ("refuse", "dequantize", "requantize")
 
 
+def _tensor(p: torch.Tensor) -> torch.Tensor:
+    """The tensor a Parameter wraps (a quantized weight's own class), or `p`."""
+    return p.data if isinstance(p, torch.nn.Parameter) else p
+
+
 def is_subclass(p: torch.Tensor) -> bool:
     """A tensor subclass (a quantized weight, a DTensor shard, ...), not a plain tensor."""
     return is_traceable_wrapper_subclass(p) or type(p.data) not in (torch.Tensor, torch.nn.Parameter)
@@ -31,7 +36,7 @@ def is_subclass(p: torch.Tensor) -> bool:
 
 def format_name(p: torch.Tensor) -> str:
     """The quantization format of a torchao weight lora-fx adapts ("int8", "intx", "nf4"), else ""."""
-    cls = type(p.data) if isinstance(p, torch.nn.Parameter) else type(p)
+    cls = type(_tensor(p))
     return FORMATS.get(cls.__name__, "") if cls.__module__.startswith("torchao.") else ""
 
 
@@ -39,7 +44,7 @@ def refusal(p: torch.Tensor) -> str | None:
     """Why LoRA cannot sit beside subclass weight `p`, or None when it can (or `p` is plain)."""
     if not is_subclass(p):
         return None
-    t = p.data if isinstance(p, torch.nn.Parameter) else p
+    t = _tensor(p)
     cls = type(t)
     if cls.__module__.startswith("bitsandbytes"):
         return (f"is a bitsandbytes weight ({cls.__name__}); torch.export cannot trace bitsandbytes' kernels. "
@@ -58,7 +63,7 @@ def refusal(p: torch.Tensor) -> str | None:
 
 def dequantize(p: torch.Tensor) -> torch.Tensor:
     """The float weight a torchao weight stands for, in its logical dtype."""
-    t = p.data if isinstance(p, torch.nn.Parameter) else p
+    t = _tensor(p)
     if format_name(t) == "nf4":
         return t.get_original_weight().to(t.dtype)
     return t.dequantize().to(t.dtype)
@@ -67,7 +72,7 @@ def dequantize(p: torch.Tensor) -> torch.Tensor:
 def requantize(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Float weight `w` quantized in `like`'s format, with `like`'s blocks and mapping (torchao's own
     quantizers, so the result is what torchao would have made of `w`)."""
-    t = like.data if isinstance(like, torch.nn.Parameter) else like
+    t = _tensor(like)
     cls, name = type(t), format_name(t)
     w = w.to(t.dtype)
     if name == "nf4":
