@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import export  # noqa: E402
 import lora_fx  # noqa: E402
 from common import RESULTS, PeakRSS, in_subprocess, markdown  # noqa: E402
-from smollm2_lora import encode, load, nll, perplexity  # noqa: E402
+from smollm2_lora import add_run_args, encode, lm_loss, load, perplexity  # noqa: E402
 from sentiment_data import movie_reviews, split  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
@@ -90,11 +90,7 @@ def step_fn(model, tok, texts, args):
     def step():
         i = state["i"] % args.steps
         state["i"] += 1
-        inputs, labels = encode(tok, texts[i * args.batch:(i + 1) * args.batch], args.max_length)
-        logits = model(**inputs).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
-        loss.backward()
+        lm_loss(model, tok, texts[i * args.batch:(i + 1) * args.batch], args.max_length).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -285,11 +281,7 @@ def table(s: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["float32", "bfloat16", "int8", "intx", "nf4"])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=48)
-    ap.add_argument("--held-out", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    add_run_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-rounds", type=int, default=10)
     ap.add_argument("--no-peft", action="store_true")

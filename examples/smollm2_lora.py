@@ -61,6 +61,23 @@ def encode(tok, texts, max_length):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels
 
 
+def lm_loss(model, tok, texts, max_length) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` on `texts` (padding ignored): the training loss."""
+    inputs, labels = encode(tok, texts, max_length)
+    logits = model(**inputs).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+def add_run_args(ap) -> None:
+    """The short fine-tune's settings (shared with benchmarks/quantized.py, which repeats this run)."""
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--held-out", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-3)
+
+
 def nll(logits, labels):
     """Summed next-token negative log-likelihood and token count."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
@@ -124,11 +141,7 @@ def ids_len(enc) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=48)
-    ap.add_argument("--held-out", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    add_run_args(ap)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--out", default=str(ROOT / "results" / "smollm2"))
     args = ap.parse_args(argv)
@@ -157,10 +170,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
     t = time.perf_counter()
     for step in tqdm(range(args.steps), desc="LoRA fine-tune"):
-        inputs, labels = encode(tok, train_texts[step * args.batch:(step + 1) * args.batch], args.max_length)
-        _s, _n = 0, 0
-        logits = gm(**inputs).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = lm_loss(gm, tok, train_texts[step * args.batch:(step + 1) * args.batch], args.max_length)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
