@@ -44,12 +44,15 @@ def main():
     gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=8, alpha=16,
                              example_inputs={"input_ids": data[:2].to(device), "labels": data[:2].to(device)})
     gm.train()
+    del model  # gm holds the weights now; after sharding nothing holds them whole (FSDP2 path)
     if args.engine == "ddp":
         module = torch.nn.parallel.DistributedDataParallel(gm)
     else:
-        module = lora_fx.unflatten(gm)
+        module = lora_fx.unflatten(gm)  # gm shares the tree's layers and lets go of the model
+        fully_shard(module.model.embed_tokens)
         for layer in module.model.layers.children():
             fully_shard(layer)
+        fully_shard(module.lm_head)
         fully_shard(module)
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=3e-3)
     shard = data[rank::world].to(device)  # each rank its own slice of the data

@@ -108,6 +108,9 @@ def _check_formats(module: nn.Module) -> None:
     """Refuse quantized weights whose export ONNX Runtime cannot load (NF4: torch's exporter mixes
     int8 and uint8 in its bit unpacking), before writing anything."""
     for name, p in module.named_parameters():
+        if lora_fx.is_shard(p):
+            raise ExportError(f"{name} is sharded across ranks (FSDP2); export needs whole weights. Save the adapter "
+                              "(lora_fx.save_adapter, on every rank), load it into the model on one process and export that")
         fmt = lora_fx.quantized.format_name(p)
         if fmt and fmt not in ONNX_FORMATS:
             raise ExportError(

@@ -38,6 +38,7 @@ from .report import InjectReport, NearMiss
 from .saved import load_graph, save_graph
 from .slot import LORA_A, LORA_B, LORA_M, LoraName, lora_parameters, parse_slot_free, scale_slot_free, slot_free_name
 from .slot import parse_name as parse_lora_name
+from .paths import is_shard
 from .state import Adapter, LoraState, Site
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "special_tokens",
     "unfolded_lora",
     "slot_free_name",
+    "is_shard",
     "parse_slot_free",
     "scale_slot_free",
     "parse_lora_name",

@@ -68,10 +68,7 @@ def recapture(primary: LoraGraphModule, inputs, kind: str | None = None,
     kind = kind or cap.kind
     own = {**dict(primary.named_parameters(remove_duplicate=False)), **dict(primary.named_buffers(remove_duplicate=False)),
            **(overrides or {})}
-    names = [n for n, _ in source.named_parameters(remove_duplicate=False)] + \
-            [n for n, _ in source.named_buffers(remove_duplicate=False)]
-    # tensor subclasses (FSDP's DTensor shards) cannot be traced through: those stay the source's
-    weights = {n: own[n] for n in names if n in own and type(own[n]) in (nn.Parameter, torch.Tensor)}
+    weights = tracing_weights(source, own)
     if kind == DECODER:
         check_decoder(source)
         new = _capture(source, _DECODER_SIGNATURE, inputs or decoder_example(source, weights), False, weights, kind)
@@ -87,6 +84,26 @@ def recapture(primary: LoraGraphModule, inputs, kind: str | None = None,
     new.capture_info = replace(new.capture_info, recapture=cap.recapture)
     new.train(primary.training)
     return new
+
+
+def tracing_weights(source: nn.Module, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `own` (a graph's, by name) to trace `source` with. Tensor subclasses (an FSDP2
+    shard, a quantized weight) cannot be traced through: the source's own tensor is traced there,
+    which a released source (`LoraGraphModule.release_source`) no longer has."""
+    weights, missing = {}, []
+    for name, t in (*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)):
+        mine = own.get(name)
+        if mine is not None and type(mine) in (nn.Parameter, torch.Tensor):
+            weights[name] = mine
+        elif t.device.type == "meta":
+            missing.append((name, type(mine).__name__))
+    if missing:
+        name, kind = missing[0]
+        raise CaptureError(
+            f"capturing this model again needs whole weights, but {name} is a {kind} (sharded by FSDP2?) and the "
+            "model's own copy was released (lora_fx.unflatten releases it). Capture the graphs you need before "
+            "sharding, or save the adapter and load it into the model on one process")
+    return weights
 
 
 def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dict | None,

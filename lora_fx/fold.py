@@ -17,7 +17,7 @@ from .attach import base_copy
 from .capture import recapture
 from .errors import FoldError
 from .graph_module import LoraGraphModule, require_lora
-from .paths import set_parameter
+from .paths import is_shard, set_parameter
 from .quantized import FOLD_CHOICES, dequantize, is_subclass, requantize
 from .rewrite import LORA_META, combine_inputs
 from .state import LoraState, Site
@@ -290,6 +290,11 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
                     max_loss: float | None = MAX_REQUANTIZE_LOSS, probe: dict | None = None) -> dict[str, torch.Tensor]:
     """W0 + update for every site, after the checks: known adapters, no reader outside the match,
     and a choice for quantized weights."""
+    sharded = [n for n, p in gm.named_parameters() if is_shard(p) and not p.requires_grad]
+    if sharded:
+        raise FoldError(f"{sharded[0]} is sharded across ranks (FSDP2): folding needs whole weights. Save the adapter "
+                        "(lora_fx.save_adapter, called on every rank: rank 0 writes), load it into the model on one "
+                        "process and fold there")
     if adapters is not None:
         adapter_mix(state, adapters)  # unknown names fail before any work
     requantized = _check_quantized(gm, state, adapters, quantized, max_loss, probe)

@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from . import generation
 from .errors import InputsError, TargetError
 from .flat import flat_runner
-from .paths import copy_graph, copy_non_persistent, own_stateless_modules, resolve, set_module
+from .paths import copy_graph, copy_non_persistent, is_shard, own_stateless_modules, resolve, set_module, structure_copy
 from .report import InjectReport
 from .state import LoraState
 
@@ -118,12 +118,13 @@ class LoraGraphModule(torch.fx.GraphModule):
         try:
             return self._dispatch(*args, **kwargs)
         except RuntimeError as e:
-            sharded = [n for n, m in self.named_modules() if n and type(m).__name__.startswith("FSDP")]
+            sharded = [n for n, p in self.named_parameters() if is_shard(p)]
             if sharded and "DTensor" in str(e):
                 raise TargetError(
-                    f"{sharded[0]} was sharded with fully_shard, but this graph is flat: no submodule's forward "
+                    f"{sharded[0]} is sharded (fully_shard), but this graph is flat: no submodule's forward "
                     "runs, so its shards are never gathered. Shard the flat graph at the root only "
-                    "(fully_shard(gm)), or shard layer by layer on lora_fx.unflatten(gm)") from e
+                    "(fully_shard(gm)), or shard layer by layer on lora_fx.unflatten(gm) and call that tree (the flat "
+                    "graph shares its layers, so it sees their shards too)") from e
             raise
 
     def _dispatch(self, *args, **kwargs):
@@ -166,6 +167,17 @@ class LoraGraphModule(torch.fx.GraphModule):
         """Drop the graphs captured for other inputs; they are captured again on their next call
         (after the LoRA subgraph changed, or weights were replaced)."""
         self._variants.clear()
+
+    def release_source(self) -> None:
+        """Stop keeping the user's model alive: the capture keeps a storage-free copy of its modules
+        (`lora_fx.paths.structure_copy`), enough to capture it again with this graph's weights, and
+        the graphs captured for other inputs are dropped (captured again on use). Afterwards this
+        graph (and modules sharing its tensors) holds the only reference to the weights once the user
+        deletes the model; `merge_and_unload` shares this graph's tensors instead of the model's."""
+        cap = self.capture_info
+        if cap is not None and cap.source is not None:
+            self.capture_info = replace(cap, source=structure_copy(cap.source))
+        self.forget_variants()
 
     # -- generation ------------------------------------------------------------------------------
     def decode_step(self) -> LoraGraphModule:

@@ -5,9 +5,11 @@ activation checkpointing (`checkpoint_wrapper`) and regional compilation (`torch
 have nothing to hold on to. `unflatten(gm)` captures the model again as a torch.export program and
 unflattens it (`torch.export.unflatten`: every submodule an `InterpreterModule` running its own
 graph, called by its parent), then puts LoRA into each adapted layer's own graph with the same
-rewrite as the flat graph. Every parameter, buffer and LoRA module is the flat graph's own object:
-training either trains both, adapters switch on both, and fold, diff, ONNX export and mixed batches
-stay on the flat graph.
+rewrite as the flat graph. Every parameter, buffer and LoRA module is the flat graph's own object,
+and the flat graph's submodules become the tree's (so a layer sharded with fully_shard is sharded
+for both): training either trains both, adapters switch on both, and fold, diff, ONNX export and
+mixed batches stay on the flat graph. The flat graph then stops keeping the user's model alive
+(`release_source`): once the user deletes it, sharding the tree frees the whole weights.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .capture import FORWARD, export_program
+from .capture import FORWARD, export_program, tracing_weights
 from .errors import TargetError
 from .graph_module import LoraGraphModule, require_lora
 from .match import rematch
-from .paths import set_buffer, set_parameter
+from .paths import copy_non_persistent, resolve, set_buffer, set_parameter
 from .rewrite import LORA_META, insert_lora
 from .slot import has_dropout, has_magnitude, lora_bias, scale_path
 from .state import Site
@@ -79,18 +81,15 @@ def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> 
                           "weight (W + scaling·B·A), a quantized layer or an expert stack. Train the flat graph")
     check_ranks(gm)
     own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
-    plain = {n: t for n, t in own.items() if type(t) in (nn.Parameter, torch.Tensor)}
-    names = {n for n, _ in cap.source.named_parameters(remove_duplicate=False)} | \
-            {n for n, _ in cap.source.named_buffers(remove_duplicate=False)}
     def at_dtype(t):  # parameters only: FSDP2's policy casts parameters, buffers stay as they are
         if compute_dtype is None or not isinstance(t, nn.Parameter) or not t.is_floating_point():
             return t
-        cast = t.detach().to(compute_dtype)
-        return nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+        return nn.Parameter(t.detach().to(compute_dtype), requires_grad=False)
 
-    traced = {n: at_dtype(t) for n, t in plain.items() if n in names}
-    program = export_program(cap.source, cap.example_inputs, cap.positional, weights=traced)
-    hier = torch.export.unflatten(program)
+    traced = {n: at_dtype(t) for n, t in tracing_weights(cap.source, own).items()}
+    hier = torch.export.unflatten(export_program(cap.source, cap.example_inputs, cap.positional, weights=traced))
+    del traced  # a cast copy of every weight, with compute_dtype
+    copy_non_persistent(cap.source, hier)
     for name, _ in list(hier.named_parameters(remove_duplicate=False)):
         if name in own:
             set_parameter(hier, name, own[name])
@@ -100,7 +99,56 @@ def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> 
     for site in state.sites.values():
         _adapt_layer(gm, hier, site, state.slot, compute_dtype)
     hier.train(gm.training)
+    for module in hier.modules():
+        _drop_code_tensors(module)
+    _share_modules(gm, hier)
+    gm.release_source()
     return hier
+
+
+def _drop_code_tensors(module: nn.Module) -> None:
+    """An InterpreterModule runs its graph (or, compiled, its generated code) on itself; the
+    GraphModule it keeps for the code also holds the tensors its graph reads, from when it was
+    built (the traced program's). Those references would keep whole weights alive after fully_shard
+    swaps the module's own for shards: drop them (modules the code shares with the layer stay)."""
+    code = module.__dict__.get("graph_module")
+    if code is None:
+        return
+    mine = {id(m) for m in module.modules()}
+    stack = [code]
+    while stack:
+        container = stack.pop()
+        if id(container) in mine:
+            continue
+        container._parameters.clear()
+        container._buffers.clear()
+        stack.extend(container._modules.values())
+
+
+def _share_modules(gm: nn.Module, hier: nn.Module) -> None:
+    """Make the modules of `gm` that hold tensors the tree's own objects (where the tree's module
+    holds the same tensors): fully_shard swaps parameters for shards on the module that holds them,
+    and the flat graph then sees the shards too, not the whole weights. Containers (layers) stay
+    the flat graph's, so wrapping a layer of the tree (checkpoint_wrapper) leaves its paths alone."""
+    for name, mine in list(gm.named_children()):
+        theirs = hier._modules.get(name)
+        if theirs is None:
+            continue
+        if (mine._parameters or mine._buffers) and _holds_all_of(theirs, mine):
+            gm._modules[name] = theirs
+        else:
+            _share_modules(mine, theirs)
+
+
+def _holds_all_of(theirs: nn.Module, mine: nn.Module) -> bool:
+    for path, module in mine.named_modules(remove_duplicate=False):
+        other = resolve(theirs, path) if path else theirs
+        if not isinstance(other, nn.Module):
+            return False
+        for table in ("_parameters", "_buffers"):
+            if any(getattr(other, table).get(k) is not t for k, t in getattr(module, table).items()):
+                return False
+    return True
 
 
 def _adapt_layer(gm: LoraGraphModule, hier: nn.Module, site: Site, slot: str, compute_dtype) -> None:

@@ -28,6 +28,11 @@ def resolve(root: nn.Module, path: str):
     return obj
 
 
+def is_shard(t: torch.Tensor) -> bool:
+    """A tensor sharded across ranks (an FSDP2 DTensor): each rank holds a piece of it."""
+    return hasattr(t, "full_tensor")
+
+
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     """Install `module` at `path`, creating empty parent modules as needed."""
     *parents, leaf = path.split(".")
@@ -107,3 +112,17 @@ def own_stateless_modules(gm: torch.fx.GraphModule) -> None:
         module = owner._modules[leaf]
         if next(module.parameters(), None) is None:
             owner._modules[leaf] = copy.deepcopy(module)
+
+
+def structure_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules, settings and config whose parameters and buffers are storage-free
+    (on the meta device, same shapes, dtypes and requires_grad): what capturing the model again needs
+    when the weights are passed in. Tensor subclasses (quantized weights) are shared, not copied."""
+    memo: dict[int, object] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if type(t) not in (nn.Parameter, torch.Tensor):
+            memo[id(t)] = t
+            continue
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)

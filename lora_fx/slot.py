@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .graph_module import LoraGraphModule
-from .paths import resolve, set_module
+from .paths import is_shard, resolve, set_module
 from .state import Adapter, LoraState, Site, Weights
 
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -361,7 +361,7 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     """A LoRA weight, detached and whole: a shard (an FSDP2 DTensor) is gathered from every rank first,
     so every rank must call what reads it."""
     t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if is_shard(t) else t
 
 
 def read(gm: nn.Module, state: LoraState, name: str) -> Weights:

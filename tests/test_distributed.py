@@ -5,13 +5,15 @@ from __future__ import annotations
 import datetime
 import gc
 import time
+import traceback
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 import lora_fx
 from helpers import tiny_llama
@@ -44,43 +46,69 @@ def _lora(gm) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, rendezvous: str, engine: str, out: str) -> None:
+ENGINES = ["ddp", "fsdp2", "fsdp2-layers", "fsdp2-layers-bf16", "fsdp2-layers-offload"]
+
+
+def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """Every engine in turn, in one pair of processes (starting them costs more than a run); an
+    engine's failure is written to <out>/<engine>.error.<rank> for its test to show."""
     torch.set_num_threads(1)
     # a file the test owns, not a TCP port: nothing to race another process for
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        gm = _injected()
-        local = _batch().chunk(world)[rank]
-        if engine == "ddp":
-            module = torch.nn.parallel.DistributedDataParallel(gm)
-        elif engine.startswith("fsdp2-layers"):  # the standard recipe, on the module tree lora_fx.unflatten gives
-            bf16 = engine.endswith("bf16")
-            module = lora_fx.unflatten(gm, compute_dtype=torch.bfloat16 if bf16 else None)
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if bf16 else MixedPrecisionPolicy()
-            for layer in module.model.layers.children():
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(module, mp_policy=policy)
-            w = module.model.layers.get_submodule("0.self_attn.q_proj").weight
-            assert w.to_local().shape[0] == w.shape[0] // world  # each rank holds its share of each layer
-        else:
-            # the root only: the captured graph is flat (no submodule forward runs), so per-layer
-            # groups would never be gathered
-            module = fully_shard(gm)
-        _train(module, gm, local)
-        if engine.startswith("fsdp2-layers"):  # every rank calls it; LoRA's shards are gathered, rank 0 writes
-            lora_fx.save_adapter(gm, out + ".adapter")
-        weights = _lora(gm)
-        if rank == 0:
-            save_file(weights, out)
-        dist.barrier()
-        # the engine's state goes before its process group: freed afterwards (at return), DDP's
-        # reducer could block on a group that no longer exists (seen: a rank hung at exit)
-        del module, gm
-        gc.collect()
+        for engine in ENGINES:
+            try:
+                _run_engine(rank, world, engine, f"{out}/{engine}.safetensors")
+            except Exception:
+                with open(f"{out}/{engine}.error.{rank}", "w") as f:
+                    f.write(traceback.format_exc())
+            dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _run_engine(rank: int, world: int, engine: str, out: str) -> None:
+    gm = _injected()
+    local = _batch().chunk(world)[rank]
+    if engine == "ddp":
+        module = torch.nn.parallel.DistributedDataParallel(gm)
+    elif engine.startswith("fsdp2-layers"):  # the standard recipe, on the module tree lora_fx.unflatten gives
+        bf16 = engine.endswith("bf16")
+        whole = [weakref.ref(p.untyped_storage()) for p in gm.parameters() if not p.requires_grad]
+        module = lora_fx.unflatten(gm, compute_dtype=torch.bfloat16 if bf16 else None)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if bf16 else MixedPrecisionPolicy()
+        # on a GPU the offload keeps the frozen shards in host memory; here it runs the same copies
+        offload = CPUOffloadPolicy(pin_memory=False) if engine.endswith("offload") else OffloadPolicy()
+        for layer in module.model.layers.children():
+            fully_shard(layer, mp_policy=policy, offload_policy=offload)
+        fully_shard(module, mp_policy=policy, offload_policy=offload)
+        for w in (module.model.layers.get_submodule("0.self_attn.q_proj").weight,
+                  gm.get_submodule("model.layers.0.self_attn.q_proj").weight):  # the flat graph sees the shards
+            assert w.to_local().shape[0] == w.shape[0] // world  # each rank holds its share of each layer
+        gc.collect()
+        assert not [r for r in whole if r() is not None]  # nothing holds the whole base weights' memory any more
+    else:
+        # the root only: the captured graph is flat (no submodule forward runs), so per-layer
+        # groups would never be gathered
+        module = fully_shard(gm)
+    _train(module, gm, local)
+    if engine.startswith("fsdp2-layers"):  # every rank calls it; LoRA's shards are gathered, rank 0 writes
+        lora_fx.save_adapter(gm, out + ".adapter")
+    if engine == "fsdp2-layers":  # what needs whole weights says so
+        with pytest.raises(lora_fx.FoldError, match="sharded across ranks"):
+            lora_fx.merge_lora(gm)
+        with pytest.raises(lora_fx.TargetError, match="call that tree"):
+            gm(input_ids=local)
+    weights = _lora(gm)
+    if rank == 0:
+        save_file(weights, out)
+    dist.barrier()
+    # the engine's state goes before its process group: freed afterwards, DDP's reducer could block
+    # on a group that no longer exists (seen: a rank hung at exit)
+    del module, gm
+    gc.collect()
 
 
 def _flat_layers_worker(rank: int, rendezvous: str, out: str) -> None:
@@ -141,18 +169,35 @@ def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
             pytest.fail(f"distributed workers still running after {deadline_s} s")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-layers", "fsdp2-layers-bf16"])
-def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
-    out = str(tmp_path / "rank0.safetensors")
-    _spawn(_worker, (2, str(tmp_path / "rendezvous"), engine, out), nprocs=2, deadline_s=120)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The directory every engine's 2-rank run wrote into (one spawn for all)."""
+    out = tmp_path_factory.mktemp("ranks")
+    _spawn(_worker, (2, str(out / "rendezvous"), str(out)), nprocs=2, deadline_s=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """(LoRA weights before training, after training one process on the global batch, its saved adapter)."""
     gm = _injected()
+    start = _lora(gm)
     _train(gm, gm, _batch())
-    reference, distributed = _lora(gm), load_file(out)
+    saved = tmp_path_factory.mktemp("single")
+    lora_fx.save_adapter(gm, saved)
+    return start, _lora(gm), saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_ranks_equal_one_process_on_the_global_batch(engine, runs, single):
+    errors = sorted(runs.glob(f"{engine}.error.*"))
+    assert not errors, errors[0].read_text()
+    out = str(runs / f"{engine}.safetensors")
+    start, reference, saved = single
+    distributed = load_file(out)
     assert reference.keys() == distributed.keys() and reference
-    moved = max((v - _lora(_injected())[k]).abs().max().item() for k, v in reference.items())
-    assert moved > 1e-3  # training did change the weights
-    start = _lora(_injected())
+    assert max((v - start[k]).abs().max().item() for k, v in reference.items()) > 1e-3  # training moved them
     for k, v in reference.items():
         if engine.endswith("bf16"):  # layers compute in bfloat16: the same training direction, not the same bits
             ours, theirs = (distributed[k] - start[k]).flatten(), (v - start[k]).flatten()
@@ -161,13 +206,13 @@ def test_two_ranks_equal_one_process_on_the_global_batch(engine, tmp_path):
             continue
         assert torch.allclose(distributed[k], v, atol=1e-5, rtol=1e-4), (k, (distributed[k] - v).abs().max())
     if engine.startswith("fsdp2-layers"):  # the adapter saved from the sharded model is the single process's file
-        lora_fx.save_adapter(gm, tmp_path / "single")
-        sharded, single = load_file(out + ".adapter/adapter_model.safetensors"), load_file(tmp_path / "single" / "adapter_model.safetensors")
-        assert sharded.keys() == single.keys()
+        sharded = load_file(out + ".adapter/adapter_model.safetensors")
+        one = load_file(saved / "adapter_model.safetensors")
+        assert sharded.keys() == one.keys()
         if not engine.endswith("bf16"):
-            assert all(torch.allclose(sharded[k], single[k], atol=1e-5, rtol=1e-4) for k in single)
-        assert (tmp_path / "single" / "adapter_config.json").read_text() == \
-            (tmp_path / "rank0.safetensors.adapter" / "adapter_config.json").read_text()
+            assert all(torch.allclose(sharded[k], one[k], atol=1e-5, rtol=1e-4) for k in one)
+        assert (saved / "adapter_config.json").read_text() == \
+            (runs / f"{engine}.safetensors.adapter" / "adapter_config.json").read_text()
 
 
 def test_trains_inside_transformers_trainer(tmp_path):
