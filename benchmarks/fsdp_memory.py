@@ -11,13 +11,15 @@ and one AdamW step taken:
 - params peak: the most parameter bytes seen at any module call in the step (forward, and backward through
   hooks on layer outputs): the shards plus the layers gathered then. FSDP2's prefetch of the next layer is
   not visible to a module before it runs, so up to one layer more may be held;
-- RSS after the step, and the step's peak RSS (VmHWM, reset just before the step): all the process holds
-  (Python, torch, activations, gloo buffers).
+- RSS after the step, and the step's peak RSS (VmHWM, reset just before the step, after handing the memory
+  glibc keeps free back with malloc_trim): all the process holds (Python and torch themselves, about
+  400 MB, activations, gloo buffers).
 The target (issue 16): params peak <= (model / N + 2 layers + LoRA) * 1.1, and peak RSS falling with N.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -35,9 +37,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_fx  # noqa: E402
-from common import RESULTS, markdown  # noqa: E402
+from common import markdown  # noqa: E402
 
 MB = 2 ** 20
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _config(args) -> LlamaConfig:
@@ -66,6 +69,13 @@ def _status(field: str) -> int:
 
 def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+def _trim() -> None:
+    """Hand memory the allocator keeps free back to the system (glibc keeps freed weights of a few MB
+    in its heap, so RSS would not fall when the whole weights are freed; they would be reused)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _param_bytes(modules) -> int:
@@ -126,7 +136,8 @@ def _step(module, gm, ids) -> None:
 
 def _rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str) -> None:
     torch.set_num_threads(max(1, args.threads // world))
-    if world > 1:
+    grouped = mode != "plain"
+    if grouped:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
     try:
@@ -147,18 +158,21 @@ def _rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str) -> 
         for i in range(1 + args.timed_steps):
             gc.collect()
             if i == 0:
+                _trim()
                 _reset_peak_rss()
             t = time.perf_counter()
             _step(module, gm, ids)
             timings.append(time.perf_counter() - t)
             if i == 0:
+                step_peak = _status("VmHWM")
+                _trim()
                 first = {"params_rest_mb": _param_bytes([module, gm]) / MB, "params_peak_mb": peak.peak / MB,
-                         "rss_after_mb": _status("VmRSS") / MB, "rss_peak_mb": _status("VmHWM") / MB}
+                         "rss_after_mb": _status("VmRSS") / MB, "rss_peak_mb": step_peak / MB}
         row = {"mode": mode, "procs": world, "rank": rank, **first, **{k + "_mb": v / MB for k, v in sizes.items()},
                "step_s": timings[1:] or timings}
         Path(f"{out}.{rank}.json").write_text(json.dumps(row))
     finally:
-        if world > 1:
+        if grouped:
             dist.destroy_process_group()
 
 
@@ -178,7 +192,7 @@ def _checkpointing_rank(_: int, wrapped: bool, args, out: str) -> None:
     if wrapped:
         for name, layer in list(tree.model.layers.named_children()):
             tree.model.layers.register_module(name, checkpoint_wrapper(layer))
-    gc.collect()
+    _trim()
     before = _status("VmRSS")
     _reset_peak_rss()
     t = time.perf_counter()
@@ -208,8 +222,8 @@ def main(argv=None):
     ap.add_argument("--intermediate", type=int, default=3584)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--ckpt-seq", type=int, default=1024)
-    ap.add_argument("--ckpt-layers", type=int, default=4, help="layers for the checkpointing run (memory per layer)")
+    ap.add_argument("--ckpt-seq", type=int, default=1024, help="0: no checkpointing run")
+    ap.add_argument("--ckpt-layers", type=int, help="layers for the checkpointing run (default: --layers)")
     ap.add_argument("--timed-steps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="per-layer vs root-only at 2 processes, alternated")
     ap.add_argument("--threads", type=int, default=2)
@@ -218,14 +232,16 @@ def main(argv=None):
 
     rows = []
     for world in args.procs:
-        rows += run("plain" if world == 1 else "layers", world, args)
-        print(rows[-1], flush=True)
+        for mode in ("plain", "layers") if world == 1 else ("layers",):  # 1 process: also FSDP2's own cost
+            rows += run(mode, world, args)
+            print(rows[-1], flush=True)
     speed = []
     for _ in range(args.rounds):
         for mode in ("layers", "root"):
             speed += run(mode, 2, args)
             print(speed[-1], flush=True)
-    ckpt = checkpointing(argparse.Namespace(**{**vars(args), "layers": args.ckpt_layers}))
+    args.ckpt_layers = args.ckpt_layers or args.layers
+    ckpt = checkpointing(argparse.Namespace(**{**vars(args), "layers": args.ckpt_layers})) if args.ckpt_seq else []
     print(ckpt, flush=True)
     _report(rows, speed, ckpt, args)
 
@@ -241,18 +257,20 @@ def _report(rows, speed, ckpt, args) -> None:
              f"Llama: hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, vocab {args.vocab} "
              f"(untied), {model / 4:.0f}M parameters ({model:.0f} MB fp32, one layer {layer:.1f} MB); LoRA r=8 "
              f"on q/v ({lora:.1f} MB); batch 1 x {args.seq} tokens per rank; one AdamW step.", "",
-             "1 process: the flat graph, unsharded. N > 1: `lora_fx.unflatten`, the user's model deleted, "
-             "`fully_shard` on the embeddings, each layer, the output layer, then the root.", ""]
+             "Sharding none: the flat graph, one process. Per layer: `lora_fx.unflatten`, the user's model deleted, "
+             "`fully_shard` on the embeddings, each layer, the output layer, then the root (at 1 process: what "
+             "FSDP2 itself costs).", ""]
     table = []
-    for world in sorted({r["procs"] for r in rows}):
-        mine = [r for r in rows if r["procs"] == world]
+    for world, mode in dict.fromkeys((r["procs"], r["mode"]) for r in rows):
+        mine = [r for r in rows if r["procs"] == world and r["mode"] == mode]
         target = (model / world + 2 * layer + lora) * 1.1
         worst = max(mine, key=lambda r: r["params_peak_mb"])
-        table.append({"processes": world, "params at rest / rank (MB)": f"{max(r['params_rest_mb'] for r in mine):.0f}",
+        table.append({"processes": world, "sharding": "none" if mode == "plain" else "per layer",
+                      "params at rest / rank (MB)": f"{max(r['params_rest_mb'] for r in mine):.0f}",
                       "params peak / rank (MB)": f"{worst['params_peak_mb']:.0f}",
-                      "target (MB)": f"{target:.0f}" if world > 1 else "-",
-                      "met": ("yes" if worst["params_peak_mb"] <= target else "no") if world > 1 else "-",
-                      "RSS after step / rank (MB)": f"{max(r['rss_after_mb'] for r in mine):.0f}",
+                      "target (MB)": f"{target:.0f}" if mode == "layers" else "-",
+                      "met": ("yes" if worst["params_peak_mb"] <= target else "no") if mode == "layers" else "-",
+                      "RSS after the step, trimmed / rank (MB)": f"{max(r['rss_after_mb'] for r in mine):.0f}",
                       "peak RSS in step / rank (MB)": f"{max(r['rss_peak_mb'] for r in mine):.0f}"})
     lines += _table(table) + [""]
     per = {m: [t for r in speed if r["mode"] == m for t in r["step_s"]] for m in ("layers", "root")}
@@ -262,7 +280,7 @@ def _report(rows, speed, ckpt, args) -> None:
                         "params peak / rank (MB)": f"{max(r['params_peak_mb'] for r in speed if r['mode'] == m):.0f}"}
                        for m, ts in per.items()]) + [""]
     lines += [f"## Activation checkpointing per layer, seq {args.ckpt_seq}, {args.ckpt_layers} layers, one process", ""]
-    lines += _table([{"checkpoint_wrapper": r["checkpointing"], "step (s)": f"{r['step_s']:.1f}",
+    lines += [] if not ckpt else _table([{"checkpoint_wrapper": r["checkpointing"], "step (s)": f"{r['step_s']:.1f}",
                         "peak RSS growth in the step (MB)": f"{r['activation_peak_mb']:.0f}"} for r in ckpt]) + [""]
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"rows": rows, "speed": speed, "checkpointing": ckpt},

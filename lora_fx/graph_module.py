@@ -176,7 +176,11 @@ class LoraGraphModule(torch.fx.GraphModule):
         deletes the model; `merge_and_unload` shares this graph's tensors instead of the model's."""
         cap = self.capture_info
         if cap is not None and cap.source is not None:
-            self.capture_info = replace(cap, source=structure_copy(cap.source))
+            try:
+                self.capture_info = replace(cap, source=structure_copy(cap.source))
+            except Exception as e:  # a model copy.deepcopy cannot copy: keep it (and its weights) alive
+                cap.notes.append(f"the model could not be copied without its weights ({type(e).__name__}: {e}); "
+                                 "this graph keeps it alive")
         self.forget_variants()
 
     # -- generation ------------------------------------------------------------------------------

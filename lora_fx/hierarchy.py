@@ -63,7 +63,11 @@ def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> 
     """`gm` as a module tree like the user's model (`hier.model.layers.get_submodule("3")` is the fourth
     layer, running its own forward; a ModuleList becomes a module whose children are named "0", "1",
     ...), with `gm`'s LoRA in each adapted layer's graph. Shares every tensor and LoRA module
-    with `gm`. Linear and conv layers used as products are supported; weights adapted in place
+    with `gm`, and `gm`'s modules that hold tensors become the tree's, so what fully_shard does to
+    a layer `gm` sees too; `gm` then no longer keeps the user's model alive (`release_source`), so
+    once the user drops the model, sharding the tree frees the whole weights. While they are
+    sharded, what needs them whole (fold, export, calling `gm` itself, capturing it again) says so.
+    Linear and conv layers used as products are supported; weights adapted in place
     (W + scaling·B·A), quantized layers and expert stacks are refused. In a process group every rank
     calls it, and a rank whose graph differs from rank 0's is an error here (`check_ranks`).
 

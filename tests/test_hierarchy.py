@@ -7,7 +7,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 import lora_fx
-from helpers import max_abs, randomize_lora, tiny_llama, token_ids
+from helpers import assert_unchanged, max_abs, randomize_lora, snapshot, tiny_llama, token_ids
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -74,8 +74,12 @@ def test_regional_compile(pair):
 def test_fold_after_training_the_tree(pair):
     gm, _ = pair
     model = tiny_llama()
+    before = snapshot(model)
     gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8, example_inputs=token_ids())
     tree = lora_fx.unflatten(gm)
+    # gm lets go of the model (a storage-free copy of its structure remains) and shares the tree's modules
+    assert {p.device.type for p in gm.capture_info.source.parameters()} == {"meta"}
+    assert gm.get_submodule("model.layers.1.self_attn.q_proj") is tree.get_submodule("model.layers.1.self_attn.q_proj")
     batch = token_ids()
     opt = torch.optim.AdamW(lora_fx.lora_parameters(gm).values(), lr=2e-2)
     for _ in range(3):  # the tree takes the inputs it was captured with: the loss is computed here
@@ -85,6 +89,11 @@ def test_fold_after_training_the_tree(pair):
     folded = lora_fx.merge_lora(gm)  # fold, diff and export stay on the flat graph, trained through the tree
     assert max_abs(folded(**batch), tree(**batch)) < 1e-5
     assert lora_fx.graph_diff(lora_fx.capture(model, token_ids()), folded).identical
+    merged = lora_fx.merge_and_unload(gm)  # built from the structure copy, with gm's weights
+    assert max_abs(merged(**batch), tree(**batch)) < 1e-5
+    mask = torch.ones_like(batch["input_ids"])  # other inputs: captured again from the structure, gm's weights
+    assert max_abs(gm(**batch, attention_mask=mask), tree(**batch)) < 1e-5
+    assert_unchanged(model, before)
 
 
 class Split(torch.nn.Module):
