@@ -31,7 +31,7 @@ from .errors import (
 from .fold import MAX_REQUANTIZE_LOSS, RequantizeLoss, delta_bias, delta_weight, merge_and_unload, merge_lora, requantize_loss
 from .generation import MODEL_DEFAULT, Sampling, check_request, generate_with, max_positions, special_tokens
 from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
-from .hierarchy import check_ranks, unflatten
+from .hierarchy import unflatten
 from .inject import inject_lora
 from .mixed import bank_name, bank_source, mixed_adapters
 from .report import InjectReport, NearMiss
@@ -39,6 +39,7 @@ from .saved import load_graph, save_graph
 from .slot import LORA_A, LORA_B, LORA_M, LoraName, lora_parameters, parse_slot_free, scale_slot_free, slot_free_name
 from .slot import parse_name as parse_lora_name
 from .paths import is_shard
+from .ranks import check_ranks
 from .state import Adapter, LoraState, Site
 
 __all__ = [

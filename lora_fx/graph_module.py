@@ -20,6 +20,7 @@ from . import generation
 from .errors import InputsError, TargetError
 from .flat import flat_runner
 from .paths import copy_graph, copy_non_persistent, is_shard, own_stateless_modules, resolve, set_module, structure_copy
+from .ranks import check_ranks
 from .report import InjectReport
 from .state import LoraState
 
@@ -115,6 +116,10 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     # -- calls ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if (not self.__dict__.get("_ranks_checked") and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and any(is_shard(p) for p in self.parameters())):
+            check_ranks(self)  # sharded: every rank runs this call together, so it can compare graphs once
+            object.__setattr__(self, "_ranks_checked", True)
         try:
             return self._dispatch(*args, **kwargs)
         except RuntimeError as e:

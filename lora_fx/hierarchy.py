@@ -13,7 +13,6 @@ mixed batches stay on the flat graph. The flat graph then stops keeping the user
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 import torch
@@ -24,6 +23,7 @@ from .errors import TargetError
 from .graph_module import LoraGraphModule, require_lora
 from .match import rematch
 from .paths import copy_non_persistent, resolve, set_buffer, set_parameter
+from .ranks import check_ranks
 from .rewrite import LORA_META, insert_lora
 from .slot import has_dropout, has_magnitude, lora_bias, scale_path
 from .state import Site
@@ -40,23 +40,6 @@ def _local_site(site: Site) -> Site:
     root = site.holder
     return replace(site, param=_relative(site.param, root), owner="", holder="", file_holder="",
                    bias=_relative(site.bias, root))
-
-
-def check_ranks(gm: LoraGraphModule) -> None:
-    """In a process group, check that every rank holds the same graph (the same inputs, targets,
-    ranks): a rank that differs would otherwise hang the first collective of a sharded step. Every
-    rank must call it (unflatten does)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    state = gm.lora_state
-    sites = sorted((p, a.ranks.get(p)) for a in state.adapters.values() for p in a.ranks) if state else []
-    mine = hashlib.sha256((gm.code + repr(sites)).encode()).hexdigest()
-    everyone: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    differ = [r for r, h in enumerate(everyone) if h != everyone[0]]
-    if differ:
-        raise TargetError(f"ranks {differ} hold another graph than rank 0 (other example inputs, targets or ranks "
-                          "given to inject_lora on those ranks?); every rank must capture and inject the same way")
 
 
 def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> nn.Module:

@@ -140,13 +140,19 @@ def _mismatch_worker(rank: int, rendezvous: str, out: str) -> None:
         torch.manual_seed(0)
         targets = ["q_proj", "v_proj"] if rank == 0 else ["q_proj"]  # rank 1 was started with other targets
         gm = lora_fx.inject_lora(tiny_llama(), targets, rank=4, example_inputs={"input_ids": _batch()[:2]})
-        try:
-            lora_fx.unflatten(gm)
-            message = "no error"
-        except lora_fx.TargetError as e:
-            message = str(e)
+        messages = []
+        for sharding in ("per layer", "at the root"):
+            try:
+                if sharding == "per layer":
+                    lora_fx.unflatten(gm)
+                else:  # the flat graph sharded at its root compares graphs at its first call
+                    fully_shard(gm)
+                    gm(input_ids=_batch()[:2])
+                messages.append("no error")
+            except lora_fx.TargetError as e:
+                messages.append(str(e))
         with open(f"{out}.{rank}", "w") as f:
-            f.write(message)
+            f.write("\n".join(messages))
     finally:
         dist.destroy_process_group()
 
@@ -155,7 +161,8 @@ def test_a_rank_with_another_graph_is_an_error_not_a_hang(tmp_path):
     out = str(tmp_path / "message")
     _spawn(_mismatch_worker, (str(tmp_path / "rendezvous"), out), nprocs=2, deadline_s=120)
     for rank in (0, 1):
-        assert "ranks [1] hold another graph than rank 0" in open(f"{out}.{rank}").read()
+        messages = open(f"{out}.{rank}").read().splitlines()
+        assert len(messages) == 2 and all("ranks [1] hold another graph than rank 0" in m for m in messages)
 
 
 def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
