@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) examples/finetune_sentiment.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=25 tests
 
 # the quick loop while editing: everything but the tests marked slow
 test-fast: $(STAMP)
