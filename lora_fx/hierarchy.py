@@ -6,8 +6,8 @@ have nothing to hold on to. `unflatten(gm)` captures the model again as a torch.
 unflattens it (`torch.export.unflatten`: every submodule an `InterpreterModule` running its own
 graph, called by its parent), then puts LoRA into each adapted layer's own graph with the same
 rewrite as the flat graph. Every parameter, buffer and LoRA module is the flat graph's own object,
-and the flat graph's submodules become the tree's (so a layer sharded with fully_shard is sharded
-for both): training either trains both, adapters switch on both, and fold, diff, ONNX export and
+and the flat graph's modules that hold tensors become the tree's (so a layer sharded with
+fully_shard is sharded for both): training either trains both, adapters switch on both, and fold, diff, ONNX export and
 mixed batches stay on the flat graph. The flat graph then stops keeping the user's model alive
 (`release_source`): once the user deletes it, sharding the tree frees the whole weights.
 """
