@@ -196,6 +196,7 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two-ranks")  # one worker runs them all: the spawn (a module fixture) happens once
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_equal_one_process_on_the_global_batch(engine, runs, single):
     errors = sorted(runs.glob(f"{engine}.error.*"))
