@@ -7,7 +7,8 @@ sequence; step time of per-layer sharding vs the flat graph sharded at its root,
 Per rank, after the model is injected, the user's model deleted, the tree from `lora_fx.unflatten`
 sharded (embeddings, each layer, the output layer, then the root; 1 process: the flat graph, unsharded)
 and one AdamW step taken:
-- params at rest: bytes of every parameter and buffer the rank holds (a shard's local piece), each storage once;
+- params at rest: bytes of every parameter and buffer the rank holds (the tree's, the graph's and its capture's
+  copy of the model; a shard's local piece), each storage once;
 - params peak: the most parameter bytes seen at any module call in the step (forward, and backward through
   hooks on layer outputs): the shards plus the layers gathered then. FSDP2's prefetch of the next layer is
   not visible to a module before it runs, so up to one layer more may be held;
@@ -84,6 +85,8 @@ def _param_bytes(modules) -> int:
     for module in modules:
         for t in (*module.parameters(), *module.buffers()):
             t = t.to_local() if lora_fx.is_shard(t) else t
+            if t.device.type == "meta":  # the weightless copy of the model a released capture keeps
+                continue
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
@@ -148,6 +151,7 @@ def _rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str) -> 
             _shard(module)
         elif mode == "root":
             module = fully_shard(gm)
+            gm.release_source()  # else the capture keeps the model, and with it the whole weights
         else:
             module = gm
         gc.collect()
@@ -166,7 +170,7 @@ def _rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str) -> 
             if i == 0:
                 step_peak = _status("VmHWM")
                 _trim()
-                first = {"params_rest_mb": _param_bytes([module, gm]) / MB, "params_peak_mb": peak.peak / MB,
+                first = {"params_rest_mb": _param_bytes([module, gm, gm.capture_info.source]) / MB, "params_peak_mb": peak.peak / MB,
                          "rss_after_mb": _status("VmRSS") / MB, "rss_peak_mb": step_peak / MB}
         row = {"mode": mode, "procs": world, "rank": rank, **first, **{k + "_mb": v / MB for k, v in sizes.items()},
                "step_s": timings[1:] or timings}

@@ -92,7 +92,11 @@ def _run_engine(rank: int, world: int, engine: str, out: str) -> None:
     else:
         # the root only: the captured graph is flat (no submodule forward runs), so per-layer
         # groups would never be gathered
+        whole = [weakref.ref(p.untyped_storage()) for p in gm.parameters() if not p.requires_grad]
         module = fully_shard(gm)
+        gm.release_source()  # the capture lets go of the model: nothing else holds the whole weights
+        gc.collect()
+        assert not [r for r in whole if r() is not None]
     _train(module, gm, local)
     if engine.startswith("fsdp2-layers"):  # every rank calls it; LoRA's shards are gathered, rank 0 writes
         lora_fx.save_adapter(gm, out + ".adapter")
