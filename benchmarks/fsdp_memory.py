@@ -79,19 +79,23 @@ def _trim() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _param_bytes(modules) -> int:
-    """Bytes of the parameters and buffers the modules reach now, each storage once (a shard: its local piece)."""
+def _storage_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each once (a shard: its local piece)."""
     seen, total = set(), 0
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            t = t.to_local() if lora_fx.is_shard(t) else t
-            if t.device.type == "meta":  # the weightless copy of the model a released capture keeps
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+    for t in tensors:
+        t = t.to_local() if lora_fx.is_shard(t) else t
+        if t.device.type == "meta":  # the weightless copy of the model a released capture keeps
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
+
+
+def _param_bytes(modules) -> int:
+    """Bytes of the parameters and buffers the modules reach now."""
+    return _storage_bytes(t for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 class PeakParams:
@@ -100,15 +104,8 @@ class PeakParams:
     def __init__(self, root, shards):
         self.root, self.shards, self.peak = root, shards, 0
 
-    def sample(self, *_):
-        seen, total = set(), 0
-        for t in (*self.shards, *self.root.parameters(), *self.root.buffers()):
-            t = t.to_local() if lora_fx.is_shard(t) else t
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        self.peak = max(self.peak, total)
+    def sample(self, *_):  # the shards FSDP2 keeps while a module holds its gathered weights, and those
+        self.peak = max(self.peak, _storage_bytes((*self.shards, *self.root.parameters(), *self.root.buffers())))
 
     def attach(self, module) -> None:
         def on_output(mod, args, kwargs, out):

@@ -71,11 +71,11 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
 def _run_engine(rank: int, world: int, engine: str, out: str) -> None:
     gm = _injected()
     local = _batch().chunk(world)[rank]
+    whole = [weakref.ref(p.untyped_storage()) for p in gm.parameters() if not p.requires_grad]
     if engine == "ddp":
         module = torch.nn.parallel.DistributedDataParallel(gm)
     elif engine.startswith("fsdp2-layers"):  # the standard recipe, on the module tree lora_fx.unflatten gives
         bf16 = engine.endswith("bf16")
-        whole = [weakref.ref(p.untyped_storage()) for p in gm.parameters() if not p.requires_grad]
         module = lora_fx.unflatten(gm, compute_dtype=torch.bfloat16 if bf16 else None)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if bf16 else MixedPrecisionPolicy()
@@ -87,16 +87,14 @@ def _run_engine(rank: int, world: int, engine: str, out: str) -> None:
         for w in (module.model.layers.get_submodule("0.self_attn.q_proj").weight,
                   gm.get_submodule("model.layers.0.self_attn.q_proj").weight):  # the flat graph sees the shards
             assert w.to_local().shape[0] == w.shape[0] // world  # each rank holds its share of each layer
-        gc.collect()
-        assert not [r for r in whole if r() is not None]  # nothing holds the whole base weights' memory any more
     else:
         # the root only: the captured graph is flat (no submodule forward runs), so per-layer
         # groups would never be gathered
-        whole = [weakref.ref(p.untyped_storage()) for p in gm.parameters() if not p.requires_grad]
         module = fully_shard(gm)
         gm.release_source()  # the capture lets go of the model: nothing else holds the whole weights
+    if engine != "ddp":
         gc.collect()
-        assert not [r for r in whole if r() is not None]
+        assert not [r for r in whole if r() is not None]  # nothing holds the whole base weights' memory any more
     _train(module, gm, local)
     if engine.startswith("fsdp2-layers"):  # every rank calls it; LoRA's shards are gathered, rank 0 writes
         lora_fx.save_adapter(gm, out + ".adapter")
