@@ -2,6 +2,7 @@
 built once per session (`Built`)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -43,8 +44,43 @@ def first_tensor(out) -> torch.Tensor:
     return next(v for v in out if isinstance(v, torch.Tensor))
 
 
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return first_tensor(x)
+
+
 def max_abs(a, b) -> float:
-    return (first_tensor(a).float() - first_tensor(b).float()).abs().max().item()
+    """The largest elementwise difference; the suite uses it only for exact checks (== 0, > 0)."""
+    return (_as_tensor(a).double() - _as_tensor(b).double()).abs().max().item()
+
+
+def rel_diff(a, b) -> float:
+    """max |a - b| over the largest magnitude of either (0 when both are all zeros): a difference
+    that means the same at any output scale."""
+    a, b = _as_tensor(a).double(), _as_tensor(b).double()
+    scale = max(a.abs().max().item(), b.abs().max().item())
+    return 0.0 if scale == 0 else (a - b).abs().max().item() / scale
+
+
+def tolerance(a, b, ulps: float, dtype: torch.dtype | None = None) -> float:
+    """`ulps` units of epsilon of `dtype` (default: the coarser of the two compared), relative to the
+    largest magnitude compared."""
+    if dtype is None:
+        a, b = _as_tensor(a), _as_tensor(b)
+        floats = [t.dtype for t in (a, b) if t.is_floating_point()] or [torch.float32]
+        return ulps * max(torch.finfo(d).eps for d in floats)
+    return ulps * torch.finfo(dtype).eps
+
+
+def assert_close(actual, expected, ulps: float = 100, what: str = "", dtype: torch.dtype | None = None):
+    """The one numeric comparison of the suite: |actual - expected| <= ulps * eps(dtype) * the largest
+    magnitude of either. float32's eps is 1.19e-7, so the default 100 allows 1.2e-5 of the output's
+    scale: float32 rounding along a few reductions, whatever the CPU's kernels, never a real error.
+    `dtype` names the precision that bounds the error when it is not the tensors' own (a float64
+    result built from float32 parts)."""
+    got, allowed = rel_diff(actual, expected), tolerance(actual, expected, ulps, dtype)
+    assert got <= allowed, f"{what + ': ' if what else ''}relative difference {got:.3g} > {allowed:.3g} ({ulps} ulps)"
 
 
 def randomize_lora(gm, std=0.2, seed=1):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 import lora_fx
-from helpers import tiny_llama
+from helpers import assert_close, tiny_llama
 
 STEPS, GLOBAL_BATCH = 3, 4
 
@@ -214,13 +214,14 @@ def test_two_ranks_equal_one_process_on_the_global_batch(engine, runs, single):
             cosine = float(ours @ theirs / (ours.norm() * theirs.norm()))
             assert cosine > 0.8, (k, cosine)
             continue
-        assert torch.allclose(distributed[k], v, atol=1e-5, rtol=1e-4), (k, (distributed[k] - v).abs().max())
+        assert_close(distributed[k], v, ulps=1000, what=k)
     if engine.startswith("fsdp2-layers"):  # the adapter saved from the sharded model is the single process's file
         sharded = load_file(out + ".adapter/adapter_model.safetensors")
         one = load_file(saved / "adapter_model.safetensors")
         assert sharded.keys() == one.keys()
         if not engine.endswith("bf16"):
-            assert all(torch.allclose(sharded[k], one[k], atol=1e-5, rtol=1e-4) for k in one)
+            for k in one:
+                assert_close(sharded[k], one[k], ulps=1000, what=k)
         assert (saved / "adapter_config.json").read_text() == \
             (runs / f"{engine}.safetensors.adapter" / "adapter_config.json").read_text()
 

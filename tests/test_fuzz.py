@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lora_fx
-from helpers import max_abs, randomize_lora
+from helpers import assert_close, randomize_lora
 
 EXAMPLES = int(os.environ.get("LORA_FX_FUZZ_EXAMPLES", "40"))
 CAMPAIGN = "LORA_FX_FUZZ_EXAMPLES" in os.environ  # a long run explores new examples; CI replays fixed ones
@@ -116,9 +116,9 @@ def test_invariants_or_a_clear_error(case):
         return
     gm.eval()
     with torch.no_grad():
-        assert max_abs(gm(x), model(x)) <= 1e-6
+        assert_close(gm(x), model(x), ulps=10)
         randomize_lora(gm)
         folded = lora_fx.merge_lora(gm)
         x2 = torch.randn(3, 4, d)
-        assert max_abs(folded(x2), gm(x2)) <= 1e-5
+        assert_close(folded(x2), gm(x2))
     assert lora_fx.graph_diff(lora_fx.capture(model, (x,)), folded).identical

@@ -7,7 +7,7 @@ import torch
 
 import export
 import lora_fx
-from helpers import B2, S2, first_tensor
+from helpers import B2, S2, assert_close, first_tensor
 
 
 @pytest.fixture(autouse=True)
@@ -17,13 +17,13 @@ def _exportable(request):
         pytest.skip(f"torch's ONNX exporter cannot translate {built.case.name} (see tests/models.py)")
 
 
-def _ort_vs_torch(path, module, inputs) -> float:
+def _assert_ort_runs_what_torch_runs(path, module, inputs):
     session = export.ort_session(path)
     names = [i.name for i in session.get_inputs()]
     out = export.ort_run(session, {n: inputs[n] for n in names})
     with torch.no_grad():
         ref = first_tensor(module(**inputs))
-    return (out[0].float() - ref.float()).abs().max().item()
+    assert_close(out[0], ref, ulps=1000)  # another runtime's kernels: other rounding
 
 
 def test_folded_export_is_the_untouched_export(built, onnx_dir):
@@ -38,8 +38,8 @@ def test_folded_export_is_the_untouched_export(built, onnx_dir):
 def test_onnx_runtime_runs_what_torch_runs(built, onnx_dir):
     for shape in ((2, 7), (B2, S2)):
         inputs = built.case.batch(built.model, *shape, seed=7)
-        assert _ort_vs_torch(built.onnx("base", onnx_dir), built.model, inputs) <= 1e-4
-        assert _ort_vs_torch(built.onnx("folded", onnx_dir), built.folded(), inputs) <= 1e-4
+        _assert_ort_runs_what_torch_runs(built.onnx("base", onnx_dir), built.model, inputs)
+        _assert_ort_runs_what_torch_runs(built.onnx("folded", onnx_dir), built.folded(), inputs)
 
 
 def test_onnx_runtime_optimized_graphs_are_the_same(built, onnx_dir):
@@ -52,5 +52,5 @@ def test_onnx_runtime_optimized_graphs_are_the_same(built, onnx_dir):
 def test_unfolded_lora_graph_exports_and_runs(built, onnx_dir):
     path = built.onnx("lora", onnx_dir)
     inputs = built.case.batch(built.model, B2, S2, seed=9)
-    assert _ort_vs_torch(path, built.random_b(), inputs) <= 1e-4
+    _assert_ort_runs_what_torch_runs(path, built.random_b(), inputs)
     assert not export.onnx_diff(built.onnx("base", onnx_dir), path).same_structure  # the LoRA branch is there to see
