@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,13 @@ SMALL = {
     "max_position_embeddings": 512, "vocab_size": 1024, "image_size": 64, "num_channels": 3,
 }
 LIST_DEPTHS = ("depths", "encoder_depths", "decoder_depths")
+# shrinking levels tried in turn until the model builds and runs: everything; all but head_dim; all but
+# the head sizes (some attention variants tie them to each other)
+HEAD_KEYS = {"head_dim", "d_kv", "kv_channels", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank",
+             "kv_lora_rank"}
+LEVELS = (dict(SMALL), {k: v for k, v in SMALL.items() if k != "head_dim"},
+          {k: v for k, v in SMALL.items() if k not in HEAD_KEYS})
+MAX_PARAMS = 60_000_000  # a shrunk config that is still bigger is not built (counted on the meta device first)
 
 
 def zoo() -> list[tuple[str, str]]:
@@ -77,20 +85,21 @@ def zoo() -> list[tuple[str, str]]:
     return sorted(seen.items())
 
 
-def shrunk(config):
+def shrunk(config, small: dict = SMALL):
     """`config` with its sizes made small (sub-configs too), rebuilt through its class so derived
     fields (layer types, head dims) follow."""
     values = config.to_dict()
     for key, value in list(values.items()):
         sub = getattr(config, key, None)
         if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
-            values[key] = shrunk(sub).to_dict()
-        elif key in SMALL and isinstance(value, int) and not isinstance(value, bool) and value > SMALL[key]:
-            values[key] = SMALL[key]
+            values[key] = shrunk(sub, small).to_dict()
+        elif key in small and isinstance(value, int) and not isinstance(value, bool) and value > small[key]:
+            values[key] = small[key]
         elif key in LIST_DEPTHS and isinstance(value, list):
             values[key] = [min(int(v), 1) for v in value]
-        elif key == "layer_types" or key.endswith("_layer_types"):
-            values.pop(key)  # rebuilt for the new layer count
+        elif key == "layer_types" or key.endswith("_layer_types") or key == "qk_head_dim" or (
+                key == "head_dim" and key not in small):
+            values.pop(key)  # derived: rebuilt for the new layer count / head sizes
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "cls_token_id", "mask_token_id"):
         v = values.get(key)
@@ -100,13 +109,18 @@ def shrunk(config):
     return type(config).from_dict(values)
 
 
-def build(model_type: str, cls_name: str):
+def build(model_type: str, cls_name: str, small: dict = SMALL):
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = shrunk(transformers.AutoConfig.for_model(model_type))
-    return getattr(transformers, cls_name)(config).eval()
+    config = shrunk(transformers.AutoConfig.for_model(model_type), small)
+    cls = getattr(transformers, cls_name)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in cls(config).parameters())
+    if size > MAX_PARAMS:
+        raise ValueError(f"the shrunk config still has {size / 1e6:.0f}M parameters")
+    return cls(config).eval()
 
 
 def example_inputs(model) -> dict:
@@ -146,6 +160,21 @@ def first_float(out):
     raise ValueError("the model returns no floating-point tensor")
 
 
+def float_outputs(out) -> list:
+    """Every floating-point tensor the model returns (logits, pooled output, hidden states ...)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in float_outputs(v)]
+    return []
+
+
 def rel_diff(a, b) -> float:
     a, b = first_float(a).double(), first_float(b).double()
     scale = max(a.abs().max().item(), b.abs().max().item())
@@ -180,11 +209,18 @@ def one(model_type: str, cls_name: str) -> dict:
             row["seconds"][name] = round(time.perf_counter() - t, 2)
 
     def built():
-        model = build(model_type, cls_name)
-        inputs = example_inputs(model)
-        with torch.no_grad():
-            state["ref"] = model(**inputs)
-        first_float(state["ref"])
+        for level, small in enumerate(LEVELS):
+            try:
+                model = build(model_type, cls_name, small)
+                inputs = example_inputs(model)
+                with torch.no_grad():
+                    state["ref"] = model(**inputs)
+                first_float(state["ref"])
+                break
+            except Exception:
+                if level == len(LEVELS) - 1:
+                    raise
+        row["shrink_level"] = level
         state["model"], state["inputs"] = model, inputs
         state["snap"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         row["params"] = sum(p.numel() for p in model.parameters())
@@ -201,6 +237,12 @@ def one(model_type: str, cls_name: str) -> dict:
                                                                        init_lora_weights=False))
         with torch.no_grad():
             first_float(peft_model(**inputs))
+        peft_model.train()
+        sum(t.float().square().mean() for t in float_outputs(peft_model(**inputs))).backward()
+        peft_model.eval()
+        state["peft_no_grad"] = {re.sub(r"(\.base_layer)+", "", n.removeprefix("base_model.model.").split(".lora_")[0])
+                                 for n, p in peft_model.named_parameters() if "lora_" in n and p.grad is None}
+        peft_model.zero_grad(set_to_none=True)
         base = peft_model.base_model
         state["peft_targets"] = sorted(set(base.targeted_module_names) |
                                        {n.rpartition(".")[0] for n in getattr(base, "targeted_parameter_names", [])})
@@ -264,10 +306,15 @@ def one(model_type: str, cls_name: str) -> dict:
     def train():
         gm = state["gm"]
         gm.train()
-        first_float(gm(**inputs)).float().square().mean().backward()
+        sum(t.float().square().mean() for t in float_outputs(gm(**inputs))).backward()
         gm.eval()
         lora = lora_fx.lora_parameters(gm)
-        missing = [n for n, p in lora.items() if p.grad is None]
+        # no gradient is right where the weight does not reach the outputs: not run by this capture (PEFT
+        # wraps it all the same), or computed into an output the model drops (a causal LM's pooler);
+        # PEFT's own LoRA gets no gradient there either
+        unused = {gm.lora_state.sites[s.param].holder for s in gm.lora_report.sites if not s.uses}
+        unused |= state.get("peft_no_grad", set())
+        missing = [n for n, p in lora.items() if p.grad is None and lora_fx.parse_lora_name(n).holder not in unused]
         frozen = [n for n, p in gm.named_parameters() if p.grad is not None and n not in lora and p.requires_grad is False]
         assert not missing, f"{len(missing)} LoRA weights got no gradient, e.g. {missing[0]}"
         assert not frozen, f"base weight {frozen[0]} got a gradient"

@@ -25,11 +25,11 @@ from torch import nn
 
 from . import slot
 from .adapters import trainable_weights
-from .attach import attach_adapter, base_copy, new_adapter, pattern_value
+from .attach import attach_adapter, base_copy, new_adapter, pattern_key, pattern_value
 from .errors import AdapterFileError, ConfigError, TargetError
 from .graph_module import LoraGraphModule, require_lora, unfolded_lora
-from .inject import graph_to_adapt, inject_matched, output_layer
-from .match import match_weights, parse_targets
+from .inject import graph_to_adapt, inject_matched
+from .match import match_weights, output_layer, parse_targets, resolve_targets
 from .state import LoraConfig, Site, Weights
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -39,7 +39,7 @@ MAX_CONFIG_BYTES = 1 << 20
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
         "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters", "use_dora",
-        "lora_bias", "lora_fx_grouped_convs"}
+        "lora_bias", "lora_fx_grouped_convs", "lora_fx_dropout", "lora_fx_only"}
 IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
            "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
            "qalora_group_size", "lora_ga_config"}
@@ -97,6 +97,10 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
     holders = slot.file_holders([state.sites[p] for p in weights])
     for param, pairs in weights.items():
         site = state.sites[param]
+        if site.peft_target == "parameter" and not site.by_parameter and site.layout == "in_out":
+            # PEFT reads a parameter target as [out, in] (rows out): an [in, out] weight's update (B @ A)^T
+            # is B' @ A' with A' = B^T, B' = A^T, exactly
+            pairs = [(b.t(), a.t()) for a, b in pairs]
         for block, (a, b) in zip(site.blocks, pairs):
             lora[slot.file_name(site, holders[param], slot.LORA_A, block.index)] = slot.to_file(site, slot.LORA_A, a)
             lora[slot.file_name(site, holders[param], slot.LORA_B, block.index)] = slot.to_file(site, slot.LORA_B, b)
@@ -108,12 +112,21 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
     return AdapterFile(peft_config(gm, adapter.name), lora, dict(trainable_weights(gm)), scalings)
 
 
-def save_adapter(gm: LoraGraphModule, directory, name: str | None = None) -> Path:
+def save_adapter(gm: LoraGraphModule, directory, name: str | None = None, *, lora_fx_only: bool = False) -> Path:
     """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder. In a process
-    group (FSDP2), every rank calls it: LoRA's shards are gathered, and rank 0 writes."""
+    group (FSDP2), every rank calls it: LoRA's shards are gathered, and rank 0 writes.
+    An adapter PEFT could not load is refused with the reason, unless `lora_fx_only`: then it is
+    written in PEFT's layout for lora-fx to read (its config says `"lora_fx_only": true`)."""
     from safetensors.torch import save_file  # optional dependency (the `hf` extra)
 
     file = adapter_file(gm, name)
+    state = gm.lora_state
+    why = peft_refusal([state.sites[p] for p in state.adapter(name).ranks], file.config)
+    if why is not None and not lora_fx_only:
+        raise ConfigError(f"PEFT could not load this adapter: {why}. Leave that weight out of the adapter's targets, or "
+                          "save_adapter(..., lora_fx_only=True) for a folder only lora-fx reads")
+    if why is not None:
+        file.config["lora_fx_only"] = True
     directory = Path(directory)
     if not directory.parent.is_dir():
         raise AdapterFileError(f"cannot save to {directory}: its parent {directory.parent} does not exist; create it first")
@@ -166,27 +179,30 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
     r = max(set(adapter.ranks.values()), key=list(adapter.ranks.values()).count)
     alpha = max(set(adapter.alphas.values()), key=list(adapter.alphas.values()).count)
     source = gm.capture_info.source if gm.capture_info else None
-    modules = [s for s in sites if not s.by_parameter]
-    parameters = [s for s in sites if s.by_parameter]
+    modules = [s for s in sites if not s.file_param]
+    parameters = [s for s in sites if s.file_param]
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": adapter.config.dropout,
         "target_modules": sorted({s.owner for s in modules}),
         "target_parameters": [s.param for s in parameters] or None,
-        "rank_pattern": {re.escape(s.owner): adapter.ranks[s.param] for s in modules if adapter.ranks[s.param] != r},
-        "alpha_pattern": {re.escape(s.owner): adapter.alphas[s.param] for s in modules if adapter.alphas[s.param] != alpha},
+        # keyed as PEFT matches them: module paths, and parameter paths for parameter targets
+        "rank_pattern": {re.escape(s.param if s.file_param else s.owner): adapter.ranks[s.param] for s in sites
+                         if adapter.ranks[s.param] != r},
+        "alpha_pattern": {re.escape(s.param if s.file_param else s.owner): adapter.alphas[s.param] for s in sites
+                          if adapter.alphas[s.param] != alpha},
         "modules_to_save": list(state.trainable_modules) or None,
-        "fan_in_fan_out": any(s.kind == "linear" and not s.by_parameter and s.layout == "in_out" for s in sites),
+        "fan_in_fan_out": any(s.kind == "linear" and not s.file_param and s.layout == "in_out" for s in sites),
         # PEFT loads a lora_bias adapter only with init_lora_weights True or False (the init is spent anyway)
         "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" and not adapter.config.lora_bias else True,
         "bias": "none", "use_rslora": adapter.config.use_rslora, "use_dora": adapter.config.use_dora,
         "lora_bias": adapter.config.lora_bias,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
     }
-    uneven = sorted(s.param for s in parameters if adapter.ranks[s.param] != r or adapter.alphas[s.param] != alpha)
-    if uneven:  # PEFT's patterns name modules, and one module may hold several targeted parameters
-        raise ConfigError(f"{uneven[:2]}: parameter targets with a rank or alpha of their own cannot be written in "
-                          f"PEFT's config (its patterns name modules); give them the adapter's rank {r} and alpha {alpha}")
+    if parameters and adapter.config.dropout:
+        # PEFT's parameter targets refuse lora_dropout; it acts only in training, so the file says 0 for
+        # PEFT and keeps the trained value for lora-fx
+        config["lora_dropout"], config["lora_fx_dropout"] = 0.0, adapter.config.dropout
     blocks = {s.owner: _block_spec(s) for s in sites if s.fused}
     if blocks:  # not representable in PEFT: only lora-fx reads these adapters
         config["lora_fx_blocks"] = blocks
@@ -194,6 +210,27 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
     if grouped:  # an update of the grouped weight: PEFT's grouped-conv LoRA is another function
         config["lora_fx_grouped_convs"] = grouped
     return config
+
+
+def peft_refusal(sites: list[Site], config: dict) -> str | None:
+    """Why PEFT cannot load an adapter over `sites` written with `config`, or None. PEFT wraps
+    modules it knows (nn.Linear, Conv1D, nn.Embedding, nn.ConvNd, nn.MultiheadAttention) and reaches
+    other weights only as parameter targets, while their own module's forward runs (its ParamWrapper:
+    matrices and expert stacks, no fan_in_fan_out)."""
+    for s in sites:
+        if s.by_parameter or s.peft_target == "module":
+            continue
+        if s.peft_target == "none":
+            return (f"{s.param} is read outside its module's forward (by a parent that calls F.linear on it), so PEFT "
+                    "cannot wrap it, by module or by parameter")
+        if s.kind == "conv" or s.fused:
+            what = "a convolution kernel" if s.kind == "conv" else "adapted in row blocks"
+            return (f"{s.param} belongs to a module PEFT does not wrap ({s.owner}), so PEFT reaches it only as a "
+                    f"parameter target, but it is {what}, which PEFT's parameter targets cannot hold")
+    if config.get("target_parameters") and config.get("fan_in_fan_out"):
+        return ("it has GPT-2 Conv1D ([in, out]) weights and weights PEFT reaches only by parameter "
+                f"({config['target_parameters'][0]}); PEFT's parameter targets refuse fan_in_fan_out")
+    return None
 
 
 def _block_spec(site: Site) -> list[list]:
@@ -268,8 +305,12 @@ def read_adapter(directory) -> AdapterFile:
     scalings = {}
     for name, t in lora.items():
         if name.which == slot.LORA_A:  # the config's rank: an expert stack's lora_A has r * E rows
-            r = pattern_value(config["rank_pattern"], name.holder, config["r"])
-            alpha = pattern_value(config["alpha_pattern"], name.holder, config["lora_alpha"])
+            # a parameter target's patterns are keyed by its parameter path (`<module>.<param>`)
+            module = re.sub(r"(\.base_layer)+$", "", name.holder)
+            keys = [name.holder] + [p for p in config["target_parameters"] or [] if p.rpartition(".")[0] == module]
+            r = next((v for k in keys if (v := pattern_value(config["rank_pattern"], k, None)) is not None), config["r"])
+            alpha = next((v for k in keys if (v := pattern_value(config["alpha_pattern"], k, None)) is not None),
+                         config["lora_alpha"])
             scalings[name.holder] = alpha / (math.sqrt(r) if config["use_rslora"] else r)
     return AdapterFile(config, lora, modules, scalings, base)
 
@@ -308,7 +349,7 @@ def validate_config(config: dict, where) -> dict:
         raise AdapterFileError(f"{where}: r must be a positive int, got {r!r}")
     if not positive(alpha):
         raise AdapterFileError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
-    dropout = config.get("lora_dropout", 0.0)
+    dropout = config.get("lora_fx_dropout", config.get("lora_dropout", 0.0))  # lora_fx_dropout: see peft_config
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise AdapterFileError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
     targets, parameters = config.get("target_modules"), config.get("target_parameters") or []
@@ -411,8 +452,13 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
         exclude = output_layer(base.capture_info.source)
     _check_base_copies(base, file.base, directory)
     try:
-        matches, near = match_weights(base, parse_targets(file.targets(), file.config["target_parameters"]),
-                                      exclude=exclude)
+        config = file.config  # PEFT renames v4 MoE targets on load too (see match.resolve_targets)
+        resolved = resolve_targets(parse_targets(file.targets(), config["target_parameters"]), base.capture_info.source,
+                                   config["r"], config["lora_alpha"])
+        if resolved.rank_pattern or resolved.alpha_pattern:
+            file.config = {**config, "rank_pattern": {**config["rank_pattern"], **resolved.rank_pattern},
+                           "alpha_pattern": {**config["alpha_pattern"], **resolved.alpha_pattern}}
+        matches, near = match_weights(base, resolved.spec, exclude=exclude)
         sites = [state.sites.get(m.site.param, m.site) if state is not None else m.site for m in matches]
         adapter = _adapter_from_file(base, name, sites, file, directory)
     except (TargetError, ConfigError) as e:
@@ -445,10 +491,10 @@ def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file
     config = file.config
     weights, ranks, magnitudes, biases = _weights_for(sites, file, directory)
     for s in sites:
-        want = pattern_value(config["rank_pattern"], s.owner, config["r"])
+        want = pattern_value(config["rank_pattern"], pattern_key(s), config["r"])
         if ranks[s.param] != want:
             raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
-    alphas = {s.param: pattern_value(config["alpha_pattern"], s.owner, config["lora_alpha"]) for s in sites}
+    alphas = {s.param: pattern_value(config["alpha_pattern"], pattern_key(s), config["lora_alpha"]) for s in sites}
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
     parameters = config["target_parameters"]
     lora_config = LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,

@@ -15,7 +15,7 @@ from . import slot
 from .attach import attach_adapter, base_copy, check_active, check_adapter_name, check_hparams, new_adapter, relayout
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule, require_lora
-from .match import match_weights, parse_targets
+from .match import match_weights, parse_targets, resolve_targets
 from .state import LoraConfig, Weights
 
 
@@ -35,10 +35,12 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
     if targets is None and target_parameters is None:
         targets, target_parameters = first.config.targets, first.config.target_parameters
     spec = parse_targets(targets, target_parameters)
-    config = LoraConfig(targets, rank, alpha, dropout, init, (), dict(rank_pattern or {}), dict(alpha_pattern or {}),
+    resolved = resolve_targets(spec, gm.capture_info.source if gm.capture_info else None, rank, alpha)
+    config = LoraConfig(targets, rank, alpha, dropout, init, (), {**(rank_pattern or {}), **resolved.rank_pattern},
+                        {**(alpha_pattern or {}), **resolved.alpha_pattern},
                         None if target_parameters is None else tuple(spec.parameters), bool(use_rslora), bool(use_dora),
                         bool(lora_bias))
-    matches, _ = match_weights(base_copy(gm), spec, exclude=state.exclude)
+    matches, _ = match_weights(base_copy(gm), resolved.spec, exclude=state.exclude)
     sites = [state.sites.get(m.site.param, m.site) for m in matches]
     attach_adapter(gm, sites, new_adapter(gm, name, config, sites, weights=weights))
 

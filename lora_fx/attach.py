@@ -52,6 +52,12 @@ def pattern_value(pattern: dict, path: str, default):
     return default
 
 
+def pattern_key(site: Site) -> str:
+    """What PEFT's rank_pattern / alpha_pattern keys are matched against: the module path, or for a
+    parameter target the parameter's path."""
+    return site.param if site.by_parameter else site.owner
+
+
 def _check_rank(site: Site, r) -> None:
     # a rank above min(in, out) adds parameters but no expressiveness; PEFT accepts it, and so do
     # adapter files from the hub, so it is accepted here too
@@ -170,9 +176,9 @@ def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site],
     weights checked against them, or initialised as the paper does (A random, B zero); DoRA's
     magnitudes likewise."""
     if ranks is None:
-        ranks = {s.param: pattern_value(config.rank_pattern, s.owner, config.rank) for s in sites}
+        ranks = {s.param: pattern_value(config.rank_pattern, pattern_key(s), config.rank) for s in sites}
     if alphas is None:
-        alphas = {s.param: pattern_value(config.alpha_pattern, s.owner, config.alpha) for s in sites}
+        alphas = {s.param: pattern_value(config.alpha_pattern, pattern_key(s), config.alpha) for s in sites}
     for site in sites:
         _check_rank(site, ranks[site.param])
         _check_alpha(site, alphas[site.param])

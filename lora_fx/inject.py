@@ -7,7 +7,7 @@ from .attach import attach_adapter, check_adapter_name, check_hparams, new_adapt
 from .capture import capture
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule, copy_of
-from .match import Match, match_weights, parse_targets
+from .match import Match, match_weights, output_layer, parse_targets, resolve_targets
 from .paths import set_parameter
 from .report import InjectReport, NearMiss, SiteRow
 from .slot import lora_parameters
@@ -55,14 +55,20 @@ def inject_lora(
     check_adapter_name(adapter)
     spec = parse_targets(targets, target_parameters)
     trainable = _as_names(trainable)
-    config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable), dict(rank_pattern or {}),
-                        dict(alpha_pattern or {}), None if target_parameters is None else tuple(spec.parameters),
-                        bool(use_rslora), bool(use_dora), bool(lora_bias))
     gm = graph_to_adapt(model, example_inputs)
-    exclude = output_layer(gm.capture_info.source)
-    matches, near = match_weights(gm, spec, exclude=exclude)
+    source = gm.capture_info.source
+    exclude = output_layer(source)
+    resolved = resolve_targets(spec, source, rank, alpha)
+    config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable),
+                        {**(rank_pattern or {}), **resolved.rank_pattern}, {**(alpha_pattern or {}), **resolved.alpha_pattern},
+                        None if target_parameters is None else tuple(spec.parameters),
+                        bool(use_rslora), bool(use_dora), bool(lora_bias))
+    matches, near = match_weights(gm, resolved.spec, exclude=exclude)
     new = new_adapter(gm, adapter, config, [m.site for m in matches], weights=weights)
-    return inject_matched(gm, matches, near, new, trainable, exclude)
+    gm = inject_matched(gm, matches, near, new, trainable, exclude)
+    if resolved.note:
+        gm.lora_state.report.notes.append(resolved.note)
+    return gm
 
 
 def graph_to_adapt(model: nn.Module, example_inputs=None) -> LoraGraphModule:
@@ -93,20 +99,6 @@ def inject_matched(gm: LoraGraphModule, matches: list[Match], near: list[NearMis
     source = gm.capture_info.source
     gm.train(source.training if source is not None else False)
     return gm
-
-
-def output_layer(model: nn.Module | None) -> str | None:
-    """The path of a transformers model's output layer (PEFT leaves it out of "all-linear")."""
-    get = getattr(model, "get_output_embeddings", None)
-    if get is None:
-        return None
-    try:
-        head = get()
-    except Exception:  # some models raise instead of returning None
-        return None
-    if head is None:
-        return None
-    return next((name for name, m in model.named_modules() if m is head), None)
 
 
 def _as_names(trainable) -> list[str]:
@@ -169,6 +161,10 @@ def _report(gm: LoraGraphModule, adapter: Adapter, matches: list[Match], near: l
         blocks = "all rows" if not s.fused else "rows " + ",".join(f"{b.start}:{b.stop}" for b in s.blocks)
         rows.append(SiteRow(s.param, s.owner, s.layout, blocks, uses, m.left_alone))
     notes = list(gm.capture_info.notes) if gm.capture_info else []
+    unused = [m.site.param for m in matches if not m.uses]
+    if unused:
+        notes.append(f"{len(unused)} adapted weights are not used by this capture's forward (e.g. {unused[0]}): their LoRA "
+                     "is in the files and trains where a capture for other inputs uses them (as PEFT wraps them)")
     if counts.get("weight"):
         notes.append(f"{counts['weight']} uses adapted as W + scaling*B@A (their op is not a product with an activation); LoRA dropout does not apply to them")
     return InjectReport(

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .peft_rules import MOE_RENAMES, is_gpt2_conv1d, leaf_names, moe_family, moe_targets, peft_module
 from .quantized import format_name, is_subclass, refusal
 from .report import NearMiss
 from .state import Block, Site
@@ -130,6 +131,56 @@ def parse_targets(targets, parameters=None) -> TargetSpec:
         f"targets must be a list of module names, a regex string, 'all-linear' or a dict of fused "
         f"blocks, got {type(targets).__name__}"
     )
+
+
+@dataclass
+class Resolved:
+    """Targets as PEFT reads them on one model: the spec to match, the rank / alpha patterns PEFT adds,
+    and what was renamed (for the report)."""
+
+    spec: TargetSpec
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def resolve_targets(spec: TargetSpec, model: nn.Module | None, rank: int, alpha: float) -> Resolved:
+    """`spec` as PEFT applies it to `model`: on the MoE families whose experts transformers 5 fused,
+    PEFT renames targets named like v4 expert projections or routers (`gate_proj`, `up_proj`,
+    `down_proj`, `gate`; Mixtral's `w1`/`w2`/`w3`) to the fused experts' parameters, after resolving a
+    string target (a regex, "all-linear") to the leaf names it matches; everything else is unchanged."""
+    family = moe_family(model)
+    if family is None or spec.blocks:  # fused-block specs are lora-fx's own: nothing for PEFT to rename
+        return Resolved(spec)
+    if spec.all_linear:
+        names = sorted(set(leaf_names(all_linear_paths(model, output_layer(model)))) | set(MOE_RENAMES[family]))
+    elif spec.regex is not None:
+        names = _regex_leaves(spec.regex, model, family)
+    else:
+        names = list(spec.names)
+    moved = moe_targets(family, names, list(spec.parameters), rank, alpha)
+    if not moved.renamed:
+        return Resolved(spec)
+    note = (f"as PEFT does on {family}-family models, targets {sorted(moved.renamed)} name the fused experts "
+            f"{sorted(set(moved.renamed.values()))} (by parameter) instead of modules")
+    return Resolved(TargetSpec(names=moved.names, parameters=moved.parameters), moved.rank_pattern,
+                    moved.alpha_pattern, note)
+
+
+def _regex_leaves(regex: str, model: nn.Module, family: str) -> list[str]:
+    """PEFT's resolution of a regex target on these models: the leaf names of the module and parameter
+    paths it full-matches, plus each v4 name whose reconstructed path (the fused parameter's module
+    + the v4 name) it matches."""
+    keys = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    matched = set(leaf_names(k for k in keys if re.fullmatch(regex, k)))
+    containers: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        owner, leaf = _owner(name)
+        containers.setdefault(leaf, set()).add(owner)
+    for old, new in MOE_RENAMES[family].items():
+        if old not in matched and any(re.fullmatch(regex, f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    return sorted(matched)
 
 
 def parse_blocks(spec, out_features: int, path: str) -> tuple[tuple[Block, ...], bool]:
@@ -361,6 +412,30 @@ def parameter_uses(nodes: list[torch.fx.Node]) -> list[Use]:
     return [Use(user, "weight", weight=w) for w in nodes for user in list(w.users)]
 
 
+def output_layer(model: nn.Module | None) -> str | None:
+    """The path of a transformers model's output layer (PEFT leaves it out of "all-linear")."""
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        head = get()
+    except Exception:  # some models raise instead of returning None
+        return None
+    if head is None:
+        return None
+    return next((name for name, m in model.named_modules() if m is head), None)
+
+
+def all_linear_paths(model: nn.Module, exclude: str | None) -> set[str]:
+    """PEFT's "all-linear": the paths of every nn.Linear / Conv1D module but the output layer (a
+    weight tied to the output layer, like T5's `shared` embedding, is never a linear module) and the
+    out_proj of an nn.MultiheadAttention (which never calls it as a module: PEFT's LoRA on it would
+    do nothing)."""
+    attention = attention_paths(model)
+    return {path for path, m in model.named_modules(remove_duplicate=False)
+            if peft_module(m) == "linear" and path != exclude and _owner(path)[0] not in attention}
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a weight a target names is not adapted."""
@@ -369,14 +444,17 @@ class Refusal:
     quiet: bool = False  # not news: a bias of a named module, anything "all-linear" skips
 
 
-def _key(spec: TargetSpec, name: str, exclude: str | None, attention: set[str]) -> str | None:
+def _key(spec: TargetSpec, name: str, exclude: str | None, attention: set[str], linear: set[str] | None) -> str | None:
     """The entry of `spec` that names parameter `name` (by its module path, or by its own path for
     a parameter that is not a module's `.weight`), or None. A target naming an
     nn.MultiheadAttention (a path in `attention`) names its out_proj too, as in PEFT (not a
-    fused-block spec, which is about in_proj's rows)."""
+    fused-block spec, which is about in_proj's rows). "all-linear" names the `.weight` of the
+    modules in `linear` (PEFT's definition; None: a graph without its model, any linear product)."""
     owner, leaf = _owner(name)
     if spec.all_linear:
-        return "all-linear" if owner != exclude else None
+        if linear is None:
+            return "all-linear" if owner != exclude else None
+        return "all-linear" if owner in linear and leaf == "weight" else None
     key = spec.which(owner)
     if key is None and leaf != "weight":
         key = spec.which(name)
@@ -386,6 +464,15 @@ def _key(spec: TargetSpec, name: str, exclude: str | None, attention: set[str]) 
         if key in spec.blocks:  # a fused-block spec names the rows of in_proj only
             key = None
     return key
+
+
+def _module_at(model: nn.Module | None, path: str) -> nn.Module | None:
+    if model is None:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def attention_paths(model: nn.Module | None) -> set[str]:
@@ -400,10 +487,16 @@ def _is_bias(leaf: str) -> bool:
 
 
 def _kind(spec: TargetSpec, name: str, p: torch.Tensor, uses: list[Use], tables: list,
-          by_parameter: bool) -> str | Refusal:
+          by_parameter: bool, module_kind: str | None = None) -> str | Refusal:
     """The kind of weight `name` ("linear", "conv", "embedding", "experts") as it is used, or why
-    LoRA does not adapt it."""
+    LoRA does not adapt it. The `.weight` of a module PEFT wraps (`module_kind`) that the captured
+    forward does not use is still adapted, as PEFT wraps it: its LoRA trains in the captures that
+    use it (other inputs), and files keep it."""
     leaf = _owner(name)[1]
+    unused = not uses and not tables and not is_subclass(p) and leaf == "weight" and not by_parameter
+    if unused and module_kind in ("linear", "embedding", "conv") and (module_kind == "conv" or p.dim() == 2):
+        if not spec.all_linear or module_kind == "linear":
+            return module_kind
     if is_subclass(p):
         why = refusal(p)
         if why is not None:
@@ -454,7 +547,8 @@ def _layout(kind: str, p: torch.Tensor, uses: list[Use], module: nn.Module | Non
         transposed = bool(getattr(module, "is_transposed", False))
         d0, d1 = int(p.shape[-2]), int(p.shape[-1])
         return ("in_out", d0, d1) if transposed else ("out_in", d1, d0)
-    layout = next((u.layout for u in uses if u.layout), "out_in")  # weight-form uses only: PyTorch's [out, in]
+    # weight-form uses only (or none): PyTorch's [out, in], GPT-2 Conv1D's [in, out]
+    layout = next((u.layout for u in uses if u.layout), "in_out" if is_gpt2_conv1d(module) else "out_in")
     out_f, in_f = (p.shape[0], p.shape[1]) if layout == "out_in" else (p.shape[1], p.shape[0])
     return layout, int(in_f), int(out_f)
 
@@ -482,6 +576,16 @@ def _common_bias(uses: list[Use]) -> str | None:
     return targets.pop() if len(targets) == 1 else None
 
 
+def _peft_target(cap, name: str, uses: list[Use], by_parameter: bool) -> str:
+    """How PEFT's files reach weight `name` (see `Site.peft_target`)."""
+    owner = _owner(name)[0]
+    source = cap.source if cap is not None else None
+    if by_parameter or source is None or peft_module(_module_at(source, owner)) is not None:
+        return "parameter" if by_parameter else "module"
+    # PEFT's ParamWrapper applies the update while the module's own forward runs
+    return "parameter" if owner and all(_in_stack(u.node, owner) for u in uses) else "none"
+
+
 def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses: list[Use], two_d_leaves: list[str],
           attention: set[str], by_parameter: bool) -> Site:
     """The site for weight `name`: its kind, layout, sizes, adapted row blocks, and where LoRA lives."""
@@ -507,7 +611,7 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
     quantized = format_name(p)
     return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
                 shape=tuple(p.shape), by_parameter=by_parameter, bias=None if quantized else _common_bias(uses),
-                groups=int(groups), quantized=quantized)
+                groups=int(groups), quantized=quantized, peft_target=_peft_target(cap, name, uses, by_parameter))
 
 
 def match_weights(
@@ -530,16 +634,21 @@ def match_weights(
             two_d.setdefault(_owner(name)[0], []).append(_owner(name)[1])
 
     cap = getattr(gm, "capture_info", None)
-    attention = attention_paths(cap.source if cap is not None else None)
+    source = cap.source if cap is not None else None
+    attention = attention_paths(source)
+    linear = all_linear_paths(source, exclude) if source is not None and spec.all_linear else None
     calls = LayerCalls(gm.graph)
     matches: list[Match] = []
-    near: list[NearMiss] = []
+    near: list[NearMiss] = [NearMiss("all-linear", f"{path}.out_proj.weight", "is an nn.MultiheadAttention's out_proj, "
+                                     "which PEFT's all-linear wraps as a Linear that the attention never calls (no effect); "
+                                     "name the attention module in targets to adapt in_proj_weight and out_proj")
+                            for path in sorted(attention) if linear is not None]
     named: set[str] = set()  # spec entries that name some parameter
     adapted: set[str] = set()  # spec entries that adapt some weight
     for names in names_by_param.values():
         for name in names:
             by_parameter = spec.parameter(name)
-            key = by_parameter or _key(spec, name, exclude, attention)
+            key = by_parameter or _key(spec, name, exclude, attention, linear)
             if key is None:
                 continue
             named.add(key)
@@ -548,7 +657,8 @@ def match_weights(
                 uses, tables, left_alone = quantized_uses(gm, _owner(name)[0], calls), [], []
             else:
                 uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
-            kind = _kind(spec, name, p, uses, tables, by_parameter is not None)
+            owner_module = _module_at(source, _owner(name)[0])
+            kind = _kind(spec, name, p, uses, tables, by_parameter is not None, peft_module(owner_module))
             if isinstance(kind, Refusal):
                 if not kind.quiet:
                     near.append(NearMiss(key, name, kind.reason))
@@ -565,6 +675,11 @@ def match_weights(
     near += [NearMiss(key, None, "matches no module path") for key in spec.keys() if key not in named]
     if not matches:
         raise TargetError(no_match_message(gm, spec, near))
+    if not any(m.uses for m in matches):
+        unused = [m.site.param for m in matches]
+        raise TargetError(f"targets {spec.keys() or ['all-linear']} match only weights this capture does not use "
+                          f"({unused[:3]}{' ...' if len(unused) > 3 else ''}): capture with the inputs that reach them "
+                          "(example_inputs), or name other modules")
     refused = [k for k in named if k not in adapted and k in spec.names + list(spec.blocks) + spec.parameters]
     if refused:
         why = "; ".join(str(n) for n in near if n.target in refused)

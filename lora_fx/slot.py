@@ -180,7 +180,7 @@ def file_holders(sites: list[Site]) -> dict[str, str]:
     out = {s.param: s.file_path for s in sites}
     by_owner: dict[str, list[Site]] = {}
     for s in sites:
-        if s.by_parameter:
+        if s.file_param:
             by_owner.setdefault(s.param.rpartition(".")[0], []).append(s)
     for owner, group in by_owner.items():
         for i, s in enumerate(group):  # sites come in the module's registration order

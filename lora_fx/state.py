@@ -56,6 +56,15 @@ class Site:
     bias: str | None = None  # the bias parameter every product of this weight adds (where lora_bias folds)
     groups: int = 1  # a grouped convolution's groups
     quantized: str = ""  # the base weight's quantization format ("int8", "intx", "nf4"), "" for a float weight
+    # how PEFT's files reach it: "module" (target_modules), "parameter" (target_parameters: named so, or
+    # its module is not one PEFT wraps but reads it in its own forward, as a router calling F.linear),
+    # "none" (read outside its module's forward: PEFT cannot wrap it at all)
+    peft_target: str = "module"
+
+    @property
+    def file_param(self) -> bool:
+        """PEFT's files name this weight by parameter path (target_parameters)."""
+        return self.by_parameter or self.peft_target == "parameter"
 
     @property
     def file_path(self) -> str:

@@ -1,0 +1,140 @@
+"""For the same targets, lora-fx adapts what PEFT adapts, and writes files PEFT reads as lora-fx does:
+PEFT's "all-linear" (module classes, the output layer and a weight tied to it left out), weights of
+modules PEFT cannot wrap (routers: parameter targets; a parent's F.linear: refused at save), modules
+the capture does not run, and PEFT's renames on MoE models whose experts transformers 5 fused."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import lora_fx
+from helpers import assert_close, assert_unchanged, randomize_lora, rel_diff, snapshot
+from models import HandWritten
+
+IDS = {"input_ids": torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))}
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8)
+
+
+def _moe(name: str, **kw):
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(**TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                    **kw)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+def _peft_targets(model, **config) -> set[str]:
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, **config))
+    base = peft_model.base_model
+    return set(base.targeted_module_names) | {n.rpartition(".")[0] for n in base.targeted_parameter_names}
+
+
+def _ours(gm) -> set[str]:
+    return {s.file_path if not s.file_param else s.param.rpartition(".")[0] for s in gm.lora_state.sites.values()}
+
+
+def _round_trip_through_peft(gm, model, inputs, tmp_path):
+    """Random A and B: PEFT reads our file into our outputs, and lora-fx reads PEFT's save of it back."""
+    randomize_lora(gm, std=0.1)
+    with torch.no_grad():
+        ours = gm(**inputs)
+    assert rel_diff(ours, model(**inputs)) > 1e-3
+    lora_fx.save_adapter(gm, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert_close(theirs(**inputs), ours, ulps=1000)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = lora_fx.load_adapter(model, tmp_path / "theirs", example_inputs=inputs)
+    with torch.no_grad():
+        assert_close(again(**inputs), ours, ulps=1000)
+
+
+def test_all_linear_leaves_a_tied_output_embedding_out_as_peft():
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)).eval()
+    inputs = {**IDS, "decoder_input_ids": IDS["input_ids"][:, :5]}
+    gm = lora_fx.inject_lora(model, "all-linear", rank=4, example_inputs=inputs)
+    assert "shared.weight" not in gm.lora_state.sites  # read by lm_head too, but an embedding
+    assert _ours(gm) == _peft_targets(model, target_modules="all-linear")
+
+
+def test_a_router_is_adapted_only_when_named_and_saved_as_a_parameter_target(tmp_path):
+    model = _moe("Qwen2Moe", shared_expert_intermediate_size=16)
+    snap = snapshot(model)
+    gm = lora_fx.inject_lora(model, "all-linear", rank=4, example_inputs=IDS)
+    assert not any(s.owner.endswith("mlp.gate") for s in gm.lora_state.sites.values())  # a custom module: not PEFT's
+    assert _ours(gm) == _peft_targets(model, target_modules="all-linear")
+    gm = lora_fx.inject_lora(model, ["gate", "q_proj"], rank=4, dropout=0.1, example_inputs=IDS)
+    assert {s.peft_target for s in gm.lora_state.sites.values() if s.owner.endswith("mlp.gate")} == {"parameter"}
+    gm.eval()
+    _round_trip_through_peft(gm, model, IDS, tmp_path)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
+    assert config["lora_dropout"] == 0.0 and config["lora_fx_dropout"] == 0.1  # PEFT's parameter targets take none
+    assert lora_fx.load_adapter(model, tmp_path / "ours", example_inputs=IDS).lora_state.adapters["default"].config.dropout == 0.1
+    assert_unchanged(model, snap)
+
+
+def test_modules_the_capture_does_not_run_are_adapted_as_peft_wraps_them(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.BartForCausalLM(transformers.BartConfig(
+        vocab_size=128, d_model=32, decoder_layers=1, encoder_layers=1, decoder_attention_heads=4,
+        encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64)).eval()
+    gm = lora_fx.inject_lora(model, "all-linear", rank=4, example_inputs=IDS)
+    unused = [s.param for s in gm.lora_report.sites if not s.uses]
+    assert unused and all(".encoder_attn." in p for p in unused)  # cross-attention: no encoder states given
+    assert any("not used by this capture" in n for n in gm.lora_report.notes)
+    assert _ours(gm) == _peft_targets(model, target_modules="all-linear")
+    gm.train()
+    gm(**IDS).logits.square().mean().backward()
+    assert all((p.grad is None) == (".encoder_attn." in n) for n, p in lora_fx.lora_parameters(gm).items()
+               if ".lora_B." in n)
+    gm.eval()
+    _round_trip_through_peft(gm, model, IDS, tmp_path)
+    with pytest.raises(lora_fx.TargetError, match="does not use"):
+        lora_fx.inject_lora(model, ["encoder_attn.q_proj"], rank=4, example_inputs=IDS)
+
+
+def test_moe_targets_are_renamed_to_the_fused_experts_as_peft(tmp_path):
+    model = _moe("Qwen3Moe")
+    gm = lora_fx.inject_lora(model, "all-linear", rank=4, alpha=8, example_inputs=IDS)
+    assert _ours(gm) == _peft_targets(model, target_modules="all-linear", lora_alpha=8)
+    experts = [s for s in gm.lora_state.sites.values() if s.kind == "experts"]
+    assert {s.param.rpartition(".")[2] for s in experts} == {"gate_up_proj", "down_proj"}
+    adapter = gm.lora_state.adapters["default"]
+    assert {adapter.ranks[s.param] for s in experts if s.param.endswith("gate_up_proj")} == {8}  # the fused pair: 2r
+    assert any("as PEFT does on qwen2_moe-family models" in n for n in gm.lora_report.notes)
+    _round_trip_through_peft(gm, model, IDS, tmp_path)
+    with pytest.raises(lora_fx.ConfigError, match=r"renamed, as PEFT does.*'up_proj'"):
+        lora_fx.inject_lora(model, ["gate_proj"], rank=4, example_inputs=IDS)
+
+
+def test_a_weight_its_parent_reads_cannot_be_a_peft_file(tmp_path):
+    model = HandWritten().eval()
+    gm = lora_fx.inject_lora(model, ["w_in", "w_out"], rank=4, example_inputs=IDS)
+    assert {s.peft_target for s in gm.lora_state.sites.values()} == {"none"}
+    with pytest.raises(lora_fx.ConfigError, match=r"mixer.w_in is read outside its module's forward.*lora_fx_only=True"):
+        lora_fx.save_adapter(gm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists() or not any((tmp_path / "peft").iterdir())
+    randomize_lora(gm)
+    lora_fx.save_adapter(gm, tmp_path / "ours", lora_fx_only=True)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["lora_fx_only"] is True
+    again = lora_fx.load_adapter(model, tmp_path / "ours", example_inputs=IDS)
+    with torch.no_grad():
+        assert_close(again(**IDS), gm(**IDS))
+
+
+def test_all_linear_leaves_multihead_attention_out_proj_out_and_says_why():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    gm = lora_fx.inject_lora(model, "all-linear", rank=2, example_inputs=(x,))
+    assert sorted(gm.lora_state.sites) == ["layers.0.linear1.weight", "layers.0.linear2.weight"]
+    assert any("out_proj" in str(n) and "never calls" in n.reason for n in gm.lora_report.near_misses)
