@@ -63,6 +63,7 @@ SMALL = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "top_k": 2, "n_group": 1, "topk_group": 1,
     "max_position_embeddings": 512, "vocab_size": 1024, "image_size": 64, "num_channels": 3,
+    "attention_hidden_size": 64,
 }
 LIST_DEPTHS = ("depths", "encoder_depths", "decoder_depths")
 # shrinking levels tried in turn until the model builds and runs: everything; all but head_dim; all but
@@ -93,12 +94,23 @@ def shrunk(config, small: dict = SMALL):
         sub = getattr(config, key, None)
         if hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
             values[key] = shrunk(sub, small).to_dict()
+        elif key == "image_size" and "window_size" in values:
+            continue  # windowed vision models (Swin) size their relative position tables from it
         elif key in small and isinstance(value, int) and not isinstance(value, bool) and value > small[key]:
             values[key] = small[key]
         elif key in LIST_DEPTHS and isinstance(value, list):
             values[key] = [min(int(v), 1) for v in value]
-        elif key == "layer_types" or key.endswith("_layer_types") or key == "qk_head_dim" or (
-                key == "head_dim" and key not in small):
+        elif "heads" in key and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            values[key] = [min(v, 2) for v in value]  # per-stage heads must divide the shrunk widths
+        elif key == "layer_types" and isinstance(value, list) and value:
+            # hybrid stacks: one layer of each kind, in the order they first appear (2 at least)
+            kinds = list(dict.fromkeys(value))
+            n = max(len(kinds), 2)
+            values[key] = (kinds * n)[:n]
+            for count in ("num_hidden_layers", "num_layers"):
+                if count in values:
+                    values[count] = n
+        elif key.endswith("_layer_types") or key == "qk_head_dim" or (key == "head_dim" and key not in small):
             values.pop(key)  # derived: rebuilt for the new layer count / head sizes
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "cls_token_id", "mask_token_id"):
@@ -114,8 +126,11 @@ def build(model_type: str, cls_name: str, small: dict = SMALL):
     import transformers
 
     torch.manual_seed(0)
-    config = shrunk(transformers.AutoConfig.for_model(model_type), small)
     cls = getattr(transformers, cls_name)
+    # the class's own config (a text-only head of a multimodal family takes the text config)
+    own = getattr(cls, "config_class", None)
+    default = own() if own is not None and getattr(own, "model_type", None) else transformers.AutoConfig.for_model(model_type)
+    config = shrunk(default, small)
     with torch.device("meta"):
         size = sum(p.numel() for p in cls(config).parameters())
     if size > MAX_PARAMS:

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,12 +25,13 @@ from torch import nn
 
 from . import slot
 from .adapters import trainable_weights
-from .attach import attach_adapter, base_copy, new_adapter, pattern_key, pattern_value
-from .errors import AdapterFileError, ConfigError, TargetError
-from .graph_module import LoraGraphModule, require_lora, unfolded_lora
-from .inject import graph_to_adapt, inject_matched
+from .attach import attach_adapter, base_copy, graph_to_adapt, inject_matched, new_adapter, pattern_key, pattern_value
+from .errors import AdapterFileError, CaptureError, ConfigError, TargetError
+from .graph_module import LoraGraphModule, regions_of, require_lora, unfolded_lora
 from .match import match_weights, output_layer, parse_targets, resolve_targets
-from .state import LoraConfig, Site, Weights
+from .inject import CAPTURES
+from .regions import each_region, global_site, inject_regions, join, region_specs
+from .state import Adapter, LoraConfig, Site
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt", "pytorch_model.bin")
@@ -87,7 +88,10 @@ class AdapterFile:
 
 # ---------------------------------------------------------------------------------------------- save
 def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
-    """Adapter `name` (default: the active one) of `gm`, as PEFT would store it."""
+    """Adapter `name` (default: the active one) of `gm`, as PEFT would store it (of a regionally
+    captured model: every region's LoRA under its path)."""
+    if regions_of(gm) is not None:
+        return _regional_file(gm, name)
     state = require_lora(gm, "adapter_file")
     adapter = state.adapter(name)
     lora, scalings = {}, {}
@@ -112,6 +116,34 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
     return AdapterFile(peft_config(gm, adapter.name), lora, dict(trainable_weights(gm)), scalings)
 
 
+def _regional_file(gm: nn.Module, name: str | None) -> AdapterFile:
+    regions = regions_of(gm)
+    lora, scalings, sites, ranks, alphas, config = {}, {}, [], {}, {}, None
+    for path, graph in each_region(gm):
+        state = require_lora(graph, "adapter_file")
+        adapter = state.adapter(name)
+        part = adapter_file(graph, adapter.name)
+        lora.update({replace(n, holder=join(path, n.holder)): t for n, t in part.lora.items()})
+        scalings.update({join(path, h): s for h, s in part.scalings.items()})
+        for param in adapter.ranks:
+            site = global_site(state.sites[param], path)
+            sites.append(site)
+            ranks[site.param], alphas[site.param] = adapter.ranks[param], adapter.alphas[param]
+        config = adapter.config
+    merged = Adapter(name or "", config, ranks, alphas, None)
+    return AdapterFile(config_for(sites, merged, regions.trainable, regions.source), lora, dict(trainable_weights(gm)),
+                       scalings)
+
+
+def file_sites(gm: nn.Module, name: str | None) -> list[Site]:
+    """The sites adapter `name` adapts, with the model's paths (a region's are prefixed with its path)."""
+    if regions_of(gm) is not None:
+        return [global_site(g.lora_state.sites[p], path) for path, g in each_region(gm)
+                for p in require_lora(g, "save_adapter").adapter(name).ranks]
+    state = require_lora(gm, "save_adapter")
+    return [state.sites[p] for p in state.adapter(name).ranks]
+
+
 def save_adapter(gm: LoraGraphModule, directory, name: str | None = None, *, lora_fx_only: bool = False) -> Path:
     """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder. In a process
     group (FSDP2), every rank calls it: LoRA's shards are gathered, and rank 0 writes.
@@ -120,8 +152,7 @@ def save_adapter(gm: LoraGraphModule, directory, name: str | None = None, *, lor
     from safetensors.torch import save_file  # optional dependency (the `hf` extra)
 
     file = adapter_file(gm, name)
-    state = gm.lora_state
-    why = peft_refusal([state.sites[p] for p in state.adapter(name).ranks], file.config)
+    why = peft_refusal(file_sites(gm, name), file.config)
     if why is not None and not lora_fx_only:
         raise ConfigError(f"PEFT could not load this adapter: {why}. Leave that weight out of the adapter's targets, or "
                           "save_adapter(..., lora_fx_only=True) for a folder only lora-fx reads")
@@ -175,10 +206,14 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
     """The adapter_config.json PEFT expects for adapter `name`."""
     state = require_lora(gm, "peft_config")
     adapter = state.adapter(name)
-    sites = [state.sites[p] for p in adapter.ranks]
+    return config_for([state.sites[p] for p in adapter.ranks], adapter, state.trainable_modules,
+                      gm.capture_info.source if gm.capture_info else None)
+
+
+def config_for(sites: list[Site], adapter: Adapter, trainable: list[str], source: nn.Module | None) -> dict:
+    """The adapter_config.json PEFT expects for `adapter` over `sites` (paths as the model spells them)."""
     r = max(set(adapter.ranks.values()), key=list(adapter.ranks.values()).count)
     alpha = max(set(adapter.alphas.values()), key=list(adapter.alphas.values()).count)
-    source = gm.capture_info.source if gm.capture_info else None
     modules = [s for s in sites if not s.file_param]
     parameters = [s for s in sites if s.file_param]
     config = {
@@ -191,7 +226,7 @@ def peft_config(gm: LoraGraphModule, name: str) -> dict:
                          if adapter.ranks[s.param] != r},
         "alpha_pattern": {re.escape(s.param if s.file_param else s.owner): adapter.alphas[s.param] for s in sites
                           if adapter.alphas[s.param] != alpha},
-        "modules_to_save": list(state.trainable_modules) or None,
+        "modules_to_save": list(trainable) or None,
         "fan_in_fan_out": any(s.kind == "linear" and not s.file_param and s.layout == "in_out" for s in sites),
         # PEFT loads a lora_bias adapter only with init_lora_weights True or False (the init is spent anyway)
         "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" and not adapter.config.lora_bias else True,
@@ -435,11 +470,27 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory):
     return weights, ranks, vectors[slot.LORA_M][-1], vectors[slot.LORA_BIAS][-1]
 
 
-def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None):
+def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None,
+                 capture: str = "auto"):
     """Load an adapter folder (PEFT's or lora-fx's). Given an untouched model (or a capture of it),
-    capture it, inject the adapter and return the graph module; given a graph module with LoRA, add
-    the adapter under `name` (not active until set_adapter) and return it."""
+    capture it, inject the adapter and return the graph module; given a graph module with LoRA (or a
+    regionally captured model), add the adapter under `name` (not active until set_adapter) and
+    return it. `capture` as in `inject_lora` ("auto": by regions where the whole model does not trace)."""
     file = read_adapter(directory)
+    if capture not in CAPTURES:
+        raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    regions = regions_of(gm_or_model)
+    if regions is not None or (capture == "regions" and not isinstance(gm_or_model, LoraGraphModule)):
+        if regions is not None and file.modules:
+            raise AdapterFileError(f"{directory} also holds full module weights (modules_to_save); load it into the model instead")
+        try:
+            resolved = _resolved_file_targets(file, regions.source if regions else gm_or_model)
+            if regions is not None:
+                return _load_into_regions(gm_or_model, file, directory, name, resolved)
+            return _load_by_regions(gm_or_model, file, directory, name, example_inputs,
+                                    "asked for (capture='regions')", resolved)
+        except (TargetError, ConfigError) as e:
+            raise AdapterFileError(f"the adapter in {directory} does not fit this model: {e}") from None
     state = unfolded_lora(gm_or_model)
     if state is None and isinstance(gm_or_model, LoraGraphModule) and gm_or_model.lora_state is not None:
         raise AdapterFileError("cannot load an adapter into a folded graph; load it into the model instead")
@@ -448,16 +499,21 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     if state is not None:
         base, exclude = base_copy(gm_or_model), state.exclude
     else:
-        base = graph_to_adapt(gm_or_model, example_inputs)
+        try:
+            base = graph_to_adapt(gm_or_model, example_inputs)
+        except CaptureError as e:
+            if capture == "whole" or isinstance(gm_or_model, LoraGraphModule):
+                raise
+            try:
+                resolved = _resolved_file_targets(file, gm_or_model)
+                return _load_by_regions(gm_or_model, file, directory, name, example_inputs,
+                                        str(e).strip().splitlines()[0], resolved)
+            except (TargetError, ConfigError) as err:
+                raise AdapterFileError(f"the adapter in {directory} does not fit this model: {err}") from None
         exclude = output_layer(base.capture_info.source)
     _check_base_copies(base, file.base, directory)
     try:
-        config = file.config  # PEFT renames v4 MoE targets on load too (see match.resolve_targets)
-        resolved = resolve_targets(parse_targets(file.targets(), config["target_parameters"]), base.capture_info.source,
-                                   config["r"], config["lora_alpha"])
-        if resolved.rank_pattern or resolved.alpha_pattern:
-            file.config = {**config, "rank_pattern": {**config["rank_pattern"], **resolved.rank_pattern},
-                           "alpha_pattern": {**config["alpha_pattern"], **resolved.alpha_pattern}}
+        resolved = _resolved_file_targets(file, base.capture_info.source)
         matches, near = match_weights(base, resolved.spec, exclude=exclude)
         sites = [state.sites.get(m.site.param, m.site) if state is not None else m.site for m in matches]
         adapter = _adapter_from_file(base, name, sites, file, directory)
@@ -469,6 +525,18 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     gm = inject_matched(base, matches, near, adapter, file.config["modules_to_save"], exclude)
     _load_trainable(gm, file.modules, directory)
     return gm
+
+
+def _resolved_file_targets(file: AdapterFile, model: nn.Module | None):
+    """The file's targets as PEFT applies them to `model` (its MoE renames, see match.resolve_targets),
+    the rank / alpha patterns they add merged into the file's config."""
+    config = file.config
+    resolved = resolve_targets(parse_targets(file.targets(), config["target_parameters"]), model,
+                               config["r"], config["lora_alpha"])
+    if resolved.rank_pattern or resolved.alpha_pattern:
+        file.config = {**config, "rank_pattern": {**config["rank_pattern"], **resolved.rank_pattern},
+                       "alpha_pattern": {**config["alpha_pattern"], **resolved.alpha_pattern}}
+    return resolved
 
 
 def _check_base_copies(base: nn.Module, copies: dict[str, torch.Tensor], directory) -> None:
@@ -485,9 +553,20 @@ def _check_base_copies(base: nn.Module, copies: dict[str, torch.Tensor], directo
             )
 
 
-def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file: AdapterFile, directory):
-    """The file's adapter over `sites`: its weights, the ranks they have (which must be the config's),
-    and the config's alphas (rsLoRA's alpha / sqrt(r) expressed as an alpha for alpha / r)."""
+def _file_config(file: AdapterFile) -> LoraConfig:
+    config = file.config
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
+    parameters = config["target_parameters"]
+    return LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
+                      tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],
+                      None if parameters is None else tuple(parameters), config["use_rslora"], config["use_dora"],
+                      config["lora_bias"])
+
+
+def _file_weights(sites: list[Site], file: AdapterFile, directory):
+    """The file's weights over `sites` (model paths), checked: ({weight: [(A, B)]}, ranks, alphas, DoRA
+    magnitudes or None, lora_B biases or None); the ranks the weights have must be the config's, the
+    alphas are the config's (rsLoRA's alpha / sqrt(r) expressed as an alpha for alpha / r)."""
     config = file.config
     weights, ranks, magnitudes, biases = _weights_for(sites, file, directory)
     for s in sites:
@@ -495,15 +574,52 @@ def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file
         if ranks[s.param] != want:
             raise AdapterFileError(f"{directory}: {s.holder} has rank {ranks[s.param]} in the weights but {want} in the config")
     alphas = {s.param: pattern_value(config["alpha_pattern"], pattern_key(s), config["lora_alpha"]) for s in sites}
-    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
-    parameters = config["target_parameters"]
-    lora_config = LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
-                             tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],
-                             None if parameters is None else tuple(parameters), config["use_rslora"], config["use_dora"],
-                             config["lora_bias"])
-    return new_adapter(base, name, lora_config, sites, weights=weights, ranks=ranks, alphas=alphas,
-                       magnitudes=magnitudes if config["use_dora"] else None,
-                       biases=biases if config["lora_bias"] else None)
+    return (weights, ranks, alphas, magnitudes if config["use_dora"] else None,
+            biases if config["lora_bias"] else None)
+
+
+def _adapter_from_file(base: LoraGraphModule, name: str, sites: list[Site], file: AdapterFile, directory):
+    """The file's adapter over `sites`."""
+    weights, ranks, alphas, magnitudes, biases = _file_weights(sites, file, directory)
+    return new_adapter(base, name, _file_config(file), sites, weights=weights, ranks=ranks, alphas=alphas,
+                       magnitudes=magnitudes, biases=biases)
+
+
+def _load_by_regions(model: nn.Module, file: AdapterFile, directory, name: str, example_inputs, reason: str,
+                     resolved) -> nn.Module:
+    """The adapter loaded into `model` captured by regions (as inject_lora does where torch.export
+    cannot capture the whole model)."""
+    def from_file(sites):
+        weights, _, _, magnitudes, biases = _file_weights(sites, file, directory)
+        return weights, magnitudes, biases
+
+    tree = inject_regions(model, resolved.spec, _file_config(file), name, file.config["modules_to_save"], example_inputs,
+                          reason, output_layer(model), weights=from_file)
+    _load_trainable(tree, file.modules, directory)
+    return tree
+
+
+def _load_into_regions(gm: nn.Module, file: AdapterFile, directory, name: str, resolved) -> nn.Module:
+    """A second adapter into every region of a regionally captured model (empty where it adapts nothing)."""
+    regions = regions_of(gm)
+    specs = region_specs(gm, resolved.spec, output_layer(regions.source))
+    local: dict[str, list[Site]] = {}
+    for path, graph in each_region(gm):
+        here = graph.lora_state
+        matches = match_weights(base_copy(graph), specs[path])[0] if specs[path].keys() else []
+        local[path] = [here.sites.get(m.site.param, m.site) for m in matches]
+    sites = [global_site(s, p) for p, ss in local.items() for s in ss]
+    weights, ranks, alphas, magnitudes, biases = _file_weights(sites, file, directory)
+    config, added = _file_config(file), []
+    for path, graph in each_region(gm):
+        def mine(by_name, path=path):
+            return None if by_name is None else {k[len(path) + 1:]: v for k, v in by_name.items() if k.startswith(path + ".")}
+        added.append((graph, local[path], new_adapter(graph, name, config, local[path], weights=mine(weights),
+                                                       ranks=mine(ranks), alphas=mine(alphas), magnitudes=mine(magnitudes),
+                                                       biases=mine(biases))))
+    for graph, ss, adapter in added:
+        attach_adapter(graph, ss, adapter)
+    return gm
 
 
 def _load_trainable(gm: LoraGraphModule, saved: dict[str, torch.Tensor], directory) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from . import slot
-from .attach import attach_adapter, base_copy, check_active, check_adapter_name, check_hparams, new_adapter, relayout
+from .attach import attach_adapter, base_copy, check_active, check_adapter_name, check_hparams, new_adapter, pattern_value, relayout
 from .errors import ConfigError, TargetError
-from .graph_module import LoraGraphModule, require_lora
-from .match import match_weights, parse_targets, resolve_targets
+from .graph_module import LoraGraphModule, regions_of, require_lora
+from .match import match_weights, output_layer, parse_targets, resolve_targets
+from .regions import each_region, join, region_specs
 from .state import LoraConfig, Weights
 
 
@@ -26,7 +27,8 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
     """Add a new adapter (not active until set_adapter). `targets` (and `target_parameters`) default
     to the first adapter's. Weights it adapts that no adapter adapted before get LoRA nodes (a graph
     change, once)."""
-    state = require_lora(gm, "add_adapter")
+    regions = regions_of(gm)
+    state = require_lora(each_region(gm)[0][1] if regions else gm, "add_adapter")
     check_adapter_name(name)
     if name in state.adapters:
         raise ConfigError(f"adapter {name!r} exists; delete_adapter it first or choose another name")
@@ -35,18 +37,42 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
     if targets is None and target_parameters is None:
         targets, target_parameters = first.config.targets, first.config.target_parameters
     spec = parse_targets(targets, target_parameters)
-    resolved = resolve_targets(spec, gm.capture_info.source if gm.capture_info else None, rank, alpha)
+    source = regions.source if regions else gm.capture_info.source if gm.capture_info else None
+    resolved = resolve_targets(spec, source, rank, alpha)
     config = LoraConfig(targets, rank, alpha, dropout, init, (), {**(rank_pattern or {}), **resolved.rank_pattern},
                         {**(alpha_pattern or {}), **resolved.alpha_pattern},
                         None if target_parameters is None else tuple(spec.parameters), bool(use_rslora), bool(use_dora),
                         bool(lora_bias))
-    matches, _ = match_weights(base_copy(gm), resolved.spec, exclude=state.exclude)
-    sites = [state.sites.get(m.site.param, m.site) for m in matches]
-    attach_adapter(gm, sites, new_adapter(gm, name, config, sites, weights=weights))
+    if regions is None:
+        matches, _ = match_weights(base_copy(gm), resolved.spec, exclude=state.exclude)
+        sites = [state.sites.get(m.site.param, m.site) for m in matches]
+        attach_adapter(gm, sites, new_adapter(gm, name, config, sites, weights=weights))
+        return
+    # every region gets the adapter (empty where it adapts nothing there), all checked before any is added
+    specs, added = region_specs(gm, resolved.spec, output_layer(source)), []
+    for path, graph in each_region(gm):
+        local, here = specs[path], graph.lora_state
+        matches = match_weights(base_copy(graph), local)[0] if local.keys() else []
+        sites = [here.sites.get(m.site.param, m.site) for m in matches]
+        keys = {s.param: join(path, s.param if s.by_parameter else s.owner) for s in sites}
+        mine = None if weights is None else {k[len(path) + 1:]: v for k, v in weights.items() if k.startswith(path + ".")}
+        added.append((graph, sites, new_adapter(
+            graph, name, config, sites, weights=mine,
+            ranks={s.param: pattern_value(config.rank_pattern, keys[s.param], rank) for s in sites},
+            alphas={s.param: pattern_value(config.alpha_pattern, keys[s.param], alpha) for s in sites})))
+    for graph, sites, adapter in added:
+        attach_adapter(graph, sites, adapter)
 
 
 def set_adapter(gm: LoraGraphModule, names) -> None:
     """Make `names` (one name, or a list whose updates are summed) the active adapters."""
+    if regions_of(gm) is not None:
+        graphs = [g for _, g in each_region(gm)]
+        for graph in graphs:  # checked everywhere before anything changes
+            require_lora(graph, "set_adapter").check_names([names] if isinstance(names, str) else list(names))
+        for graph in graphs:
+            set_adapter(graph, names)
+        return
     state = require_lora(gm, "set_adapter")
     names = [names] if isinstance(names, str) else list(names)
     state.check_names(names)
@@ -62,10 +88,22 @@ def set_adapter(gm: LoraGraphModule, names) -> None:
 
 
 def active_adapters(gm: LoraGraphModule) -> list[str]:
+    if regions_of(gm) is not None:
+        gm = each_region(gm)[0][1]
     return list(require_lora(gm, "active_adapters").active)
 
 
 def delete_adapter(gm: LoraGraphModule, name: str) -> None:
+    if regions_of(gm) is not None:
+        graphs = [g for _, g in each_region(gm)]
+        for graph in graphs:
+            state = require_lora(graph, "delete_adapter")
+            state.adapter(name)
+            if len(state.adapters) == 1:
+                raise TargetError(f"{name!r} is the only adapter; fold it (merge_lora) or keep it")
+        for graph in graphs:
+            delete_adapter(graph, name)
+        return
     state = require_lora(gm, "delete_adapter")
     state.adapter(name)
     if len(state.adapters) == 1:
@@ -81,8 +119,8 @@ def delete_adapter(gm: LoraGraphModule, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(gm: LoraGraphModule):
     """Within the block, the graph computes the base model (every scale is 0); restored after."""
-    state = require_lora(gm, "disable_adapters")
-    saved = [(buf, buf.clone()) for buf in slot.scales(gm, state)]
+    graphs = [g for _, g in each_region(gm)] if regions_of(gm) is not None else [gm]
+    saved = [(buf, buf.clone()) for g in graphs for buf in slot.scales(g, require_lora(g, "disable_adapters"))]
     try:
         for buf, _ in saved:
             buf.zero_()
@@ -94,6 +132,8 @@ def disable_adapters(gm: LoraGraphModule):
 
 def adapter_weights(gm: LoraGraphModule, name: str | None = None) -> Weights:
     """An adapter's (A, B) per block for every weight it adapts (default: the first active one)."""
+    if regions_of(gm) is not None:
+        return {join(path, k): v for path, g in each_region(gm) for k, v in adapter_weights(g, name).items()}
     state = require_lora(gm, "adapter_weights")
     return slot.read(gm, state, state.adapter(name).name)
 
@@ -101,6 +141,10 @@ def adapter_weights(gm: LoraGraphModule, name: str | None = None) -> Weights:
 def lora_state_dict(gm: LoraGraphModule, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """One adapter's weights (default: the first active), keyed as in the module:
     `<holder>.lora_A.<adapter>.weight`, plus the trainable (copied) modules' weights."""
+    if regions_of(gm) is not None:
+        out = {join(path, k): v for path, g in each_region(gm) for k, v in lora_state_dict(g, adapter).items()}
+        out.update(trainable_weights(gm))
+        return out
     state = require_lora(gm, "lora_state_dict")
     name = state.adapter(adapter).name
     out = {}
@@ -115,14 +159,15 @@ def lora_state_dict(gm: LoraGraphModule, adapter: str | None = None) -> dict[str
 
 def trainable_weights(gm: LoraGraphModule) -> dict[str, torch.Tensor]:
     """The weights of the fully trained (copied) modules, by name (PEFT's modules_to_save)."""
-    paths = require_lora(gm, "trainable_weights").trainable_modules
+    regions = regions_of(gm)
+    paths = regions.trainable if regions is not None else require_lora(gm, "trainable_weights").trainable_modules
     return {n: p.detach() for n, p in gm.named_parameters() if any(n.startswith(t + ".") for t in paths)}
 
 
 def size_report(gm: LoraGraphModule, adapter_dir=None, name: str | None = None) -> dict:
     """Bytes of one adapter (on disk when `adapter_dir` is given, else in memory) against the base
     model's frozen weights."""
-    state = require_lora(gm, "size_report")
+    state = require_lora(each_region(gm)[0][1] if regions_of(gm) is not None else gm, "size_report")
     frozen = {id(p): p for p in gm.parameters() if not p.requires_grad}
     base = sum(p.numel() * p.element_size() for p in frozen.values())
     if adapter_dir is not None:

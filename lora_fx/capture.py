@@ -231,7 +231,7 @@ def inputs_from_config(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _capture_state(model: nn.Module, training: bool):
+def capture_state(model: nn.Module, training: bool):
     """Put the model in the mode to capture, with no KV cache and no fused MHA fast path; restore
     every module's own mode and the config afterwards."""
     modes_before = [(m, m.training) for m in model.modules()]
@@ -251,6 +251,29 @@ def _capture_state(model: nn.Module, training: bool):
             c.use_cache = True
         for m, mode in modes_before:
             m.training = mode
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict):
+    """A recorded call of `module` (`args`, `kwargs`) named as its forward names them: (signature,
+    inputs, positional), as `bind_example_inputs` returns them (tensors cloned)."""
+    if not kwargs:
+        return bind_example_inputs(module, tuple(args))
+    signature = inspect.signature(module.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputsError(f"a recorded call does not fit {type(module).__name__}.forward{signature}: {e}") from None
+    params = signature.parameters
+    if any(params[n].kind in (params[n].VAR_POSITIONAL, params[n].VAR_KEYWORD) for n in bound.arguments):
+        raise InputsError(f"{type(module).__name__}.forward takes *args / **kwargs; capture it with positional inputs")
+    inputs = {n: v for n, v in bound.arguments.items() if not (v is None and params[n].default is None)}
+    return signature, pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), inputs), False
+
+
+def capture_call(module: nn.Module, args: tuple, kwargs: dict) -> LoraGraphModule:
+    """`module` (a submodule of a model, say) captured on one recorded call of it, as `capture` does."""
+    signature, inputs, positional = bind_call(module, args, kwargs)
+    return _capture(module, signature, inputs, positional, weights=None)
 
 
 def auto_dims(inputs):
@@ -277,7 +300,7 @@ def export_program(model: nn.Module, inputs, positional: bool, training: bool = 
     swap = _reparametrize_module(model, weights) if weights else contextlib.nullcontext()
     step = _as_decoder(model) if kind == DECODER else contextlib.nullcontext()
     try:
-        with _capture_state(model, training), swap, step:
+        with capture_state(model, training), swap, step:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch raises many types here; all mean "could not capture"
         reason = "\n".join(str(e).strip().splitlines()[:12])
@@ -351,7 +374,7 @@ def decoder_example(model: nn.Module, weights: dict | None = None) -> dict[str, 
     gen = torch.Generator().manual_seed(0)
     probe_ids = torch.randint(0, vocab, (BATCH, 2), generator=gen).to(device)
     swap = _reparametrize_module(model, weights) if weights else contextlib.nullcontext()
-    with torch.no_grad(), _capture_state(model, training=False), swap:
+    with torch.no_grad(), capture_state(model, training=False), swap:
         if device.type == "meta":
             raise InputsError("capturing a decoder needs real weights to size its cache, not meta tensors")
         out = model(input_ids=probe_ids, use_cache=True)

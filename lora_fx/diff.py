@@ -66,9 +66,39 @@ class GraphDiff:
         return "\n".join(lines)
 
 
+def _region_graphs(module) -> dict | None:
+    """The region graphs of a regionally captured model (`lora_regions.graphs`), or None."""
+    regions = module.__dict__.get("lora_regions") if isinstance(module, torch.nn.Module) else None
+    return getattr(regions, "graphs", None)
+
+
+def _regional_diff(a: dict, b: dict) -> GraphDiff:
+    """Two regionally captured models, region by region (node names prefixed with the region's path)."""
+    if sorted(a) != sorted(b):
+        only = sorted(set(a) ^ set(b))
+        return GraphDiff(identical=False, nodes_a=0, nodes_b=0, added=[f"regions differ: {only[:4]}"])
+    out = GraphDiff(identical=True, nodes_a=0, nodes_b=0)
+    for path in sorted(a):
+        d = graph_diff(a[path], b[path])
+        out.identical &= d.identical
+        out.nodes_a += d.nodes_a
+        out.nodes_b += d.nodes_b
+        out.added += [f"{path}: {x}" for x in d.added]
+        out.removed += [f"{path}: {x}" for x in d.removed]
+        out.changed += [NodeChange(f"{path}: {c.a}", f"{path}: {c.b}", c.what) for c in d.changed]
+    return out
+
+
 def graph_diff(a, b) -> GraphDiff:
-    """Compare two fx graphs (or GraphModules). `.identical` is True when they have the same nodes
-    in the same order with the same ops, targets, constants and wiring."""
+    """Compare two fx graphs (or GraphModules, or regionally captured models, region by region).
+    `.identical` is True when they have the same nodes in the same order with the same ops, targets,
+    constants and wiring."""
+    ra, rb = _region_graphs(a), _region_graphs(b)
+    if ra is not None or rb is not None:
+        if ra is None or rb is None:
+            raise TypeError("graph_diff compares a regionally captured model with another one (lora_fx.regions.untouched "
+                            "gives the untouched regions), not with a graph")
+        return _regional_diff(ra, rb)
     ga, gb = _graph(a), _graph(b)
     owner_a = a if isinstance(a, torch.fx.GraphModule) else None
     owner_b = b if isinstance(b, torch.fx.GraphModule) else None

@@ -16,9 +16,10 @@ from . import slot
 from .attach import base_copy
 from .capture import recapture
 from .errors import FoldError
-from .graph_module import LoraGraphModule, require_lora
+from .graph_module import LoraGraphModule, regions_of, require_lora
 from .paths import is_shard, set_parameter
 from .quantized import FOLD_CHOICES, dequantize, is_subclass, requantize
+from .regions import each_region, join, with_regions
 from .rewrite import LORA_META, combine_inputs
 from .state import LoraState, Site
 
@@ -372,6 +373,10 @@ def merge_lora(gm: LoraGraphModule, adapters=None, *, quantized: str = "refuse",
     refuses where a weight would keep less than 1 - `max_loss` of its update (None accepts any loss;
     `probe`, the model's inputs, adds the output error to the message; see `requantize_loss`).
     """
+    if regions_of(gm) is not None:  # each region folded: each is its untouched graph again
+        graphs = {path: merge_lora(g, adapters, quantized=quantized, max_loss=max_loss, probe=None)
+                  for path, g in each_region(gm)}
+        return with_regions(gm, graphs, folded=True)
     state = gm.lora_state if isinstance(gm, LoraGraphModule) else None
     if state is None:  # a folded graph has a (folded) state: folding it again returns an equal one
         raise FoldError(
@@ -411,6 +416,15 @@ def merge_and_unload(gm: LoraGraphModule, adapters=None, *, quantized: str = "re
     the user's model and `gm` are left as they were. `adapters`, `quantized`, `max_loss` and `probe` as
     in `merge_lora` (quantized="dequantize": every quantized weight of the model becomes a float one).
     """
+    regions = regions_of(gm)
+    if regions is not None:  # the model's own weights, each region's folded in under its path
+        folded = {}
+        for path, g in each_region(gm):
+            state = require_lora(g, "merge_and_unload")
+            local = _folded_weights(g, state, adapters, _names_by_param(g), quantized, max_loss, None)
+            folded.update({join(path, n): w for n, w in local.items()})
+        own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+        return _merged(regions.source, folded, own, gm.training)
     state = require_lora(gm, "merge_and_unload")
     source = gm.capture_info.source if gm.capture_info is not None else None
     if source is None:
@@ -419,6 +433,12 @@ def merge_and_unload(gm: LoraGraphModule, adapters=None, *, quantized: str = "re
     if quantized == "dequantize":
         folded.update({n: dequantize(p) for n, p in gm.named_parameters() if is_subclass(p) and n not in folded})
     own = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    return _merged(source, folded, own, gm.training)
+
+
+def _merged(source: nn.Module, folded: dict[str, torch.Tensor], own: dict[str, torch.Tensor], training: bool) -> nn.Module:
+    """A copy of `source` whose weights are `folded`'s where given, else its own, shared (or `own`'s, the
+    graph's, where it moved to another dtype or device or trained a copy)."""
     memo: dict[int, object] = {}
     for name, t in (*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)):
         if id(t) in memo:
@@ -433,7 +453,7 @@ def merge_and_unload(gm: LoraGraphModule, adapters=None, *, quantized: str = "re
         else:  # the graph moved to another dtype or device: the merged model follows the graph
             memo[id(t)] = nn.Parameter(mine.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mine
     merged = copy.deepcopy(source, memo)  # module objects and configs copied, tensors as chosen above
-    merged.train(gm.training)
+    merged.train(training)
     return merged
 
 

@@ -7,6 +7,7 @@ It survives what users do to modules: `copy.deepcopy`, `pickle` / `torch.save`, 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple
@@ -312,6 +313,36 @@ class LoraGraphModule(torch.fx.GraphModule):
         self.train(self.training)
 
 
+# ------------------------------------------------------------------------------------------ regions
+@dataclass
+class Regions:
+    """A model captured by regions (`lora_fx.regions`): its own code runs, and each module holding
+    targeted weights runs its captured graph, installed at its path. Kept on the model copy
+    inject_lora returns, as `model.lora_regions`."""
+
+    graphs: dict[str, LoraGraphModule]  # module path -> that region's graph
+    reason: str  # why the whole model was not captured (the first failing line), or "asked for"
+    report: InjectReport | None = None
+    source: nn.Module | None = None  # the user's model (shared by copies, like a graph's capture source)
+    trainable: list[str] = field(default_factory=list)  # modules trained in full (copied), by path
+    folded: bool = False
+
+    def __deepcopy__(self, memo):
+        if self.source is not None:
+            memo.setdefault(id(self.source), self.source)  # the model is the recipe, not part of the copy
+        new = Regions.__new__(Regions)
+        memo[id(self)] = new
+        for f in ("graphs", "reason", "report", "source", "trainable", "folded"):
+            setattr(new, f, copy.deepcopy(getattr(self, f), memo))
+        return new
+
+
+def regions_of(module) -> Regions | None:
+    """The regions of a regionally captured model, or None."""
+    found = module.__dict__.get("lora_regions") if isinstance(module, nn.Module) else None
+    return found if isinstance(found, Regions) else None
+
+
 # ------------------------------------------------------------------------------------------- guards
 def unfolded_lora(module) -> LoraState | None:
     """The LoRA state of `module` when it holds LoRA that is not folded; None for anything else
@@ -324,6 +355,10 @@ def require_lora(module, doing: str) -> LoraState:
     """`unfolded_lora(module)`, or a TargetError saying that `doing` needs a graph with LoRA."""
     state = unfolded_lora(module)
     if state is None:
+        if regions_of(module) is not None:
+            raise TargetError(f"{doing} works on one captured graph; this model was captured by regions "
+                              f"({regions_of(module).reason[:120]}): fold it with merge_and_unload first, or use a model "
+                              "torch.export can capture whole")
         what = ("a folded graph" if isinstance(module, LoraGraphModule) and module.lora_state is not None
                 else "a graph without LoRA" if isinstance(module, LoraGraphModule) else f"a {type(module).__name__}")
         raise TargetError(

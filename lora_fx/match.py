@@ -687,6 +687,20 @@ def match_weights(
     return matches, near
 
 
+def named_weights(model: nn.Module, spec: TargetSpec, exclude: str | None) -> dict[str, str]:
+    """The weights of `model` that `spec` names, by path alone (no graph: what regional capture
+    starts from): parameter path -> the spec entry naming it. Every name of a tied weight is its own
+    entry (each module adapts its own use, as PEFT wraps each module)."""
+    attention = attention_paths(model)
+    linear = all_linear_paths(model, exclude) if spec.all_linear else None
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = spec.parameter(name) or _key(spec, name, exclude, attention, linear)
+        if key is not None and p.dim() >= 2 and not _is_bias(_owner(name)[1]):
+            out[name] = key
+    return out
+
+
 def no_match_message(gm: nn.Module, spec: TargetSpec, near: list[NearMiss]) -> str:
     linear_like = []  # weights used as linear, conv or embedding weights
     for name, p in gm.named_parameters():

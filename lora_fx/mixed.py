@@ -147,7 +147,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
         like = gm.get_parameter(site.param)
         to = {"dtype": like.dtype, "device": like.device}  # (a quantized weight's logical dtype)
         module = MixedLora(site, [t.to(**to) for t in banks_a], [t.to(**to) for t in banks_b], scale.to(**to))
-        path = f"{site.holder}.{MIXED}"
+        path = f"{site.holder}.{MIXED}" if site.holder else MIXED
         set_module(mixed, path, module)
         for use in m.uses:
             with graph.inserting_after(use.node):

@@ -126,3 +126,15 @@ def structure_copy(model: nn.Module) -> nn.Module:
         empty = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules that shares its tensors: every parameter a frozen alias of the
+    model's own (same storage, requires_grad=False; one alias per tensor, so ties stay tied), every
+    buffer the model's own. Training or replacing modules of the copy leaves the model as it was."""
+    memo: dict[int, object] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        memo.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False))
+    for _, b in model.named_buffers(remove_duplicate=False):
+        memo.setdefault(id(b), b)
+    return copy.deepcopy(model, memo)

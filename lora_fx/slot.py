@@ -33,13 +33,15 @@ LORA_BIAS = "lora_bias"  # lora_B's bias (PEFT's lora_bias): `<holder>.lora_B.<s
 EMBEDDING = {LORA_A: "lora_embedding_A", LORA_B: "lora_embedding_B"}  # PEFT's names on nn.Embedding
 FILE_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
-_MODULE_NAME = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB]|lora_magnitude_vector)\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
-_FILE_KEY = re.compile(r"^(?P<holder>.+)\.(?P<which>lora_[AB])(?:\.block(?P<block>\d+))?\.weight$")
-_BIAS_NAME = re.compile(r"^(?P<holder>.+)\.lora_B\.(?P<slot>[^.]+)\.bias$")
-_BIAS_KEY = re.compile(r"^(?P<holder>.+)\.lora_B\.bias$")
-_EMBEDDING_KEY = re.compile(r"^(?P<holder>.+)\.lora_embedding_(?P<which>[AB])$")
-_MAGNITUDE_KEY = re.compile(r"^(?P<holder>.+)\.lora_magnitude_vector$")
-_SCALE_NAME = re.compile(r"^(?P<holder>.+)\.lora_scaling\.(?P<slot>[^.]+)\.scale$")
+# the holder is "" in a region's or a layer's own graph (LoRA on the module itself)
+_HOLDER = r"^(?:(?P<holder>.+)\.)?"
+_MODULE_NAME = re.compile(_HOLDER + r"(?P<which>lora_[AB]|lora_magnitude_vector)\.(?P<slot>[^.]+)(?:\.block(?P<block>\d+))?\.weight$")
+_FILE_KEY = re.compile(_HOLDER + r"(?P<which>lora_[AB])(?:\.block(?P<block>\d+))?\.weight$")
+_BIAS_NAME = re.compile(_HOLDER + r"lora_B\.(?P<slot>[^.]+)\.bias$")
+_BIAS_KEY = re.compile(_HOLDER + r"lora_B\.bias$")
+_EMBEDDING_KEY = re.compile(_HOLDER + r"lora_embedding_(?P<which>[AB])$")
+_MAGNITUDE_KEY = re.compile(_HOLDER + r"lora_magnitude_vector$")
+_SCALE_NAME = re.compile(_HOLDER + r"lora_scaling\.(?P<slot>[^.]+)\.scale$")
 
 
 class LoraWeight(nn.Module):
@@ -116,9 +118,9 @@ class LoraName:
         """The name without the slot: `<holder>.lora_A[.block<i>].weight`, or for an embedding in a
         file `<holder>.lora_embedding_A` (PEFT's file keys, unprefixed)."""
         if self.embedding:
-            return f"{self.holder}.{EMBEDDING[self.which]}"
+            return _under(self.holder, EMBEDDING[self.which])
         if self.which == LORA_M:  # PEFT's files spell DoRA's magnitude without `.weight`
-            return f"{self.holder}.{LORA_M}"
+            return _under(self.holder, LORA_M)
         return self.module_name
 
     @property
@@ -126,8 +128,8 @@ class LoraName:
         """The slot-free name as a graph module spells it (`<holder>.lora_A[.block<i>].weight`, an
         embedding's too; `<holder>.lora_B.bias`): what a multi-adapter export calls the weight."""
         if self.which == LORA_BIAS:
-            return f"{self.holder}.{LORA_B}.bias"
-        return f"{self.holder}.{self.which}{'' if self.block is None else f'.block{self.block}'}.weight"
+            return _under(self.holder, f"{LORA_B}.bias")
+        return _under(self.holder, f"{self.which}{'' if self.block is None else f'.block{self.block}'}.weight")
 
     def matches(self, site: Site, holder: str) -> bool:
         """Whether this file weight belongs to `site`, whose file holder is `holder` (fused or not,
@@ -140,14 +142,14 @@ class LoraName:
 def _name(m: re.Match | None, slot: bool) -> LoraName | None:
     if m is None:
         return None
-    return LoraName(m["holder"], m["which"], m["slot"] if slot else None, None if m["block"] is None else int(m["block"]))
+    return LoraName((m["holder"] or ""), m["which"], m["slot"] if slot else None, None if m["block"] is None else int(m["block"]))
 
 
 def parse_name(name: str) -> LoraName | None:
     """A graph module's LoRA weight name (`...q_proj.lora_A.default.weight`) taken apart, or None."""
     m = _BIAS_NAME.match(name)
     if m is not None:
-        return LoraName(m["holder"], LORA_BIAS, m["slot"], None)
+        return LoraName((m["holder"] or ""), LORA_BIAS, m["slot"], None)
     return _name(_MODULE_NAME.match(name), slot=True)
 
 
@@ -163,13 +165,13 @@ def parse_file_key(key: str) -> LoraName | None:
         return None
     m = _EMBEDDING_KEY.match(key[len(FILE_PREFIX):])
     if m is not None:
-        return LoraName(m["holder"], f"lora_{m['which']}", None, None, embedding=True)
+        return LoraName((m["holder"] or ""), f"lora_{m['which']}", None, None, embedding=True)
     m = _MAGNITUDE_KEY.match(key[len(FILE_PREFIX):])
     if m is not None:
-        return LoraName(m["holder"], LORA_M, None, None)
+        return LoraName((m["holder"] or ""), LORA_M, None, None)
     m = _BIAS_KEY.match(key[len(FILE_PREFIX):])
     if m is not None:
-        return LoraName(m["holder"], LORA_BIAS, None, None)
+        return LoraName((m["holder"] or ""), LORA_BIAS, None, None)
     return parse_slot_free(key[len(FILE_PREFIX):])
 
 
@@ -220,7 +222,7 @@ def from_file(site: Site, which: str, t: torch.Tensor) -> torch.Tensor:
 
 def scale_slot_free(holder: str) -> str:
     """The slot-free name of a holder's scaling (`<holder>.lora_scaling`)."""
-    return f"{holder}.lora_scaling"
+    return _under(holder, "lora_scaling")
 
 
 def scale_holder(slot_free: str) -> str | None:
@@ -237,7 +239,7 @@ def slot_free_name(name: str, slot: str) -> str | None:
         return parsed.slot_free
     m = _SCALE_NAME.match(name)
     if m is not None and m["slot"] == slot:
-        return scale_slot_free(m["holder"])
+        return scale_slot_free((m["holder"] or ""))
     return None
 
 
@@ -305,10 +307,10 @@ def install(gm: nn.Module, site: Site, slot: str, rank: int, dropout: float, lik
     kw = dict(bias=False, device=like.device, dtype=like.dtype)
 
     def holder(which):
-        found = resolve(gm, f"{site.holder}.{which}")
+        found = resolve(gm, _under(site.holder, which))
         if found is None:
             found = nn.ModuleDict()
-            set_module(gm, f"{site.holder}.{which}", found)
+            set_module(gm, _under(site.holder, which), found)
         return found
 
     def zero_linear(n_in, n_out, bias=False):  # nn.Linear for PEFT's layout, without a random init to throw away
@@ -453,6 +455,6 @@ def share(primary: LoraGraphModule, other: LoraGraphModule, state: LoraState) ->
     """Give `other` the very slot modules of `primary` (a graph of the same model for other inputs)."""
     for site in state.sites.values():
         for which in (LORA_A, LORA_B, "lora_scaling", "lora_dropout", LORA_M):
-            module = resolve(primary, f"{site.holder}.{which}")
+            module = resolve(primary, _under(site.holder, which))
             if module is not None:
-                set_module(other, f"{site.holder}.{which}", module)
+                set_module(other, _under(site.holder, which), module)
