@@ -252,9 +252,9 @@ def one(model_type: str, cls_name: str) -> dict:
                                                                        init_lora_weights=False))
         with torch.no_grad():
             first_float(peft_model(**inputs))
-        peft_model.train()
+        # which LoRA weights reach the outputs, in eval mode (a train-mode forward would move BatchNorm's
+        # running statistics)
         sum(t.float().square().mean() for t in float_outputs(peft_model(**inputs))).backward()
-        peft_model.eval()
         state["peft_no_grad"] = {re.sub(r"(\.base_layer)+", "", n.removeprefix("base_model.model.").split(".lora_")[0])
                                  for n, p in peft_model.named_parameters() if "lora_" in n and p.grad is None}
         peft_model.zero_grad(set_to_none=True)
@@ -300,7 +300,8 @@ def one(model_type: str, cls_name: str) -> dict:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             ours = gm(**inputs)
         moved = rel_diff(ours, state["ref"])
-        assert moved > 1e-3, f"random A and B move the output by only {moved:.1e}"
+        degenerate = all(t.abs().max() == 0 for t in float_outputs(state["ref"]))  # MobileViTV2 at random init
+        assert moved > 1e-3 or degenerate, f"random A and B move the output by only {moved:.1e}"
         with tempfile.TemporaryDirectory() as d:
             lora_fx.save_adapter(gm, d)
             theirs = PeftModel.from_pretrained(copy.deepcopy(model), d).eval()

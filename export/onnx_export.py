@@ -76,6 +76,17 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     """
     path = Path(path)
     _writable_target(path)
+    regions = lora_fx.regions_of(module)
+    if regions is not None:  # ONNX holds one graph of the whole model: the merged model is exported
+        warnings.warn("this model was captured by regions; exporting lora_fx.merge_and_unload(module), which torch.export "
+                      "must capture whole", stacklevel=2)
+        try:
+            return export_onnx(lora_fx.merge_and_unload(module), path, example_inputs, dynamic=dynamic, opset=opset,
+                               optimize=optimize, kv_cache=kv_cache)
+        except lora_fx.CaptureError as e:
+            raise ExportError(f"ONNX export needs the whole model captured, and it was captured by regions because "
+                              f"{regions.reason[:300]}; the merged model fails the same way. Export a model torch.export "
+                              "can capture (replace the untraceable line), or serve the merged model in PyTorch") from e
     _check_formats(module)
     if kv_cache:
         gm = module.decode_step() if isinstance(module, LoraGraphModule) else lora_fx.capture_decoder(module)

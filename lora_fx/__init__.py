@@ -30,7 +30,8 @@ from .errors import (
 )
 from .fold import MAX_REQUANTIZE_LOSS, RequantizeLoss, delta_bias, delta_weight, merge_and_unload, merge_lora, requantize_loss
 from .generation import MODEL_DEFAULT, Sampling, check_request, generate_with, max_positions, special_tokens
-from .graph_module import CaptureInfo, LoraGraphModule, unfolded_lora
+from . import regions
+from .graph_module import CaptureInfo, LoraGraphModule, Regions, regions_of, unfolded_lora
 from .hierarchy import unflatten
 from .inject import inject_lora
 from .mixed import bank_name, bank_source, mixed_adapters
@@ -85,6 +86,9 @@ __all__ = [
     "max_positions",
     "special_tokens",
     "unfolded_lora",
+    "regions",
+    "regions_of",
+    "Regions",
     "slot_free_name",
     "is_shard",
     "parse_slot_free",

@@ -174,6 +174,15 @@ def _check_not_shared(graph: torch.fx.Graph, feeds: set[torch.fx.Node], site: Si
                 )
 
 
+def _inert(graph: torch.fx.Graph, site: Site, names: set[str]) -> bool:
+    """A site adapted only inside its module's own forward whose weight this graph reads, but never
+    there (nn.MultiheadAttention's out_proj under "all-linear"): no LoRA node uses it, and folding
+    its update in would change outputs the unfolded graph computes without it."""
+    read = any(node.users for node in graph.find_nodes(op="get_attr") if node.target in names)
+    tagged = any(n.meta.get(LORA_META, {}).get("param") == site.param for n in graph.nodes)
+    return site.own_calls_only and read and not tagged
+
+
 def _names_by_param(gm: nn.Module) -> dict[int, set[str]]:
     names: dict[int, set[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
@@ -303,6 +312,8 @@ def _folded_weights(gm: LoraGraphModule, state: LoraState, adapters, names_by_pa
     folded = {}
     for site in state.sites.values():
         names = names_by_param[id(gm.get_parameter(site.param))]
+        if _inert(gm.graph, site, names):
+            continue  # its LoRA acts nowhere here (PEFT's all-linear on a weight its parent reads): W0 stays
         if site.quantized:  # its readers are its layer's dequantize chain; another name is another reader
             _check_not_shared(gm.graph, feeds, site, names - {site.param})
         else:

@@ -389,6 +389,8 @@ def rematch(gm: nn.Module, sites: list[Site]) -> list[Match]:
         uses, tables, left_alone = _uses(get_attrs, names, site.owner)
         nodes = [n for alias in names for n in get_attrs.get(alias, [])]
         uses = parameter_uses(nodes) if site.by_parameter else kind_uses(site.kind, uses, tables, nodes)
+        if site.own_calls_only:
+            uses = [u for u in uses if _in_stack(u.node, site.owner)]
         if uses:
             matches.append(Match(site, uses, left_alone))
     return matches
@@ -428,12 +430,8 @@ def output_layer(model: nn.Module | None) -> str | None:
 
 def all_linear_paths(model: nn.Module, exclude: str | None) -> set[str]:
     """PEFT's "all-linear": the paths of every nn.Linear / Conv1D module but the output layer (a
-    weight tied to the output layer, like T5's `shared` embedding, is never a linear module) and the
-    out_proj of an nn.MultiheadAttention (which never calls it as a module: PEFT's LoRA on it would
-    do nothing)."""
-    attention = attention_paths(model)
-    return {path for path, m in model.named_modules(remove_duplicate=False)
-            if peft_module(m) == "linear" and path != exclude and _owner(path)[0] not in attention}
+    weight tied to the output layer, like T5's `shared` embedding, is never a linear module)."""
+    return {path for path, m in model.named_modules(remove_duplicate=False) if peft_module(m) == "linear" and path != exclude}
 
 
 @dataclass(frozen=True)
@@ -576,14 +574,17 @@ def _common_bias(uses: list[Use]) -> str | None:
     return targets.pop() if len(targets) == 1 else None
 
 
-def _peft_target(cap, name: str, uses: list[Use], by_parameter: bool) -> str:
-    """How PEFT's files reach weight `name` (see `Site.peft_target`)."""
-    owner = _owner(name)[0]
+def _peft_target(cap, name: str, owner: str, uses: list[Use], by_parameter: bool) -> str:
+    """How PEFT's files reach weight `name` of the module at `owner` (see `Site.peft_target`): PEFT's
+    wrappers act while the module's own forward runs, so a weight read elsewhere (by its parent) is
+    out of PEFT's reach, by module or by parameter."""
     source = cap.source if cap is not None else None
-    if by_parameter or source is None or peft_module(_module_at(source, owner)) is not None:
+    if by_parameter or source is None:
         return "parameter" if by_parameter else "module"
-    # PEFT's ParamWrapper applies the update while the module's own forward runs
-    return "parameter" if owner and all(_in_stack(u.node, owner) for u in uses) else "none"
+    inside = all(_in_stack(u.node, owner) for u in uses)
+    if peft_module(_module_at(source, owner)) is not None:
+        return "module" if inside else "none"
+    return "parameter" if owner and inside else "none"
 
 
 def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses: list[Use], two_d_leaves: list[str],
@@ -603,7 +604,7 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
     holder = owner if (leaf == "weight" or two_d_leaves == [leaf]) else f"{owner}.{leaf}_lora".lstrip(".")
     parent, child = _owner(owner)
     file_holder = ""
-    if child == "out_proj" and parent in attention:
+    if child == "out_proj" and parent in attention and not spec.all_linear:
         # PEFT adapts an nn.MultiheadAttention as a whole: out_proj belongs to the attention's
         # target, and PEFT's files spell its LoRA under base_layer
         owner, file_holder = parent, f"{parent}.base_layer.out_proj"
@@ -611,7 +612,8 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
     quantized = format_name(p)
     return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
                 shape=tuple(p.shape), by_parameter=by_parameter, bias=None if quantized else _common_bias(uses),
-                groups=int(groups), quantized=quantized, peft_target=_peft_target(cap, name, uses, by_parameter))
+                groups=int(groups), quantized=quantized, peft_target=_peft_target(cap, name, owner, uses, by_parameter),
+                own_calls_only=spec.all_linear)
 
 
 def match_weights(
@@ -639,10 +641,7 @@ def match_weights(
     linear = all_linear_paths(source, exclude) if source is not None and spec.all_linear else None
     calls = LayerCalls(gm.graph)
     matches: list[Match] = []
-    near: list[NearMiss] = [NearMiss("all-linear", f"{path}.out_proj.weight", "is an nn.MultiheadAttention's out_proj, "
-                                     "which PEFT's all-linear wraps as a Linear that the attention never calls (no effect); "
-                                     "name the attention module in targets to adapt in_proj_weight and out_proj")
-                            for path in sorted(attention) if linear is not None]
+    near: list[NearMiss] = []
     named: set[str] = set()  # spec entries that name some parameter
     adapted: set[str] = set()  # spec entries that adapt some weight
     for names in names_by_param.values():
@@ -657,6 +656,13 @@ def match_weights(
                 uses, tables, left_alone = quantized_uses(gm, _owner(name)[0], calls), [], []
             else:
                 uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
+            if linear is not None:  # PEFT's wrapper acts only where the module's own forward runs
+                inside = [u for u in uses if _in_stack(u.node, _owner(name)[0])]
+                if len(inside) < len(uses):
+                    near.append(NearMiss(key, name, "is read outside its module's own forward (a parent reads the weight, "
+                                         "as nn.MultiheadAttention reads its out_proj): PEFT's all-linear wraps the module "
+                                         "there with no effect, and so does lora-fx; name it in targets to adapt that read"))
+                uses = inside
             owner_module = _module_at(source, _owner(name)[0])
             kind = _kind(spec, name, p, uses, tables, by_parameter is not None, peft_module(owner_module))
             if isinstance(kind, Refusal):

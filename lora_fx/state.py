@@ -60,6 +60,8 @@ class Site:
     # its module is not one PEFT wraps but reads it in its own forward, as a router calling F.linear),
     # "none" (read outside its module's forward: PEFT cannot wrap it at all)
     peft_target: str = "module"
+    # only the uses inside the module's own forward are adapted ("all-linear": where PEFT's wrapper acts)
+    own_calls_only: bool = False
 
     @property
     def file_param(self) -> bool:

@@ -130,11 +130,28 @@ def test_a_weight_its_parent_reads_cannot_be_a_peft_file(tmp_path):
         assert_close(again(**IDS), gm(**IDS))
 
 
-def test_all_linear_leaves_multihead_attention_out_proj_out_and_says_why():
+def test_all_linear_on_multihead_attention_is_peft_s_even_where_it_does_nothing(tmp_path):
+    """PEFT's all-linear wraps nn.MultiheadAttention's out_proj as a Linear, which the attention never
+    calls (it reads out_proj.weight itself): the LoRA is there, in the files too, and has no effect.
+    lora-fx does the same, and says so; naming the attention adapts it for real (PEFT's MHA LoRA)."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
     x = torch.randn(2, 5, 16)
     gm = lora_fx.inject_lora(model, "all-linear", rank=2, example_inputs=(x,))
-    assert sorted(gm.lora_state.sites) == ["layers.0.linear1.weight", "layers.0.linear2.weight"]
-    assert any("out_proj" in str(n) and "never calls" in n.reason for n in gm.lora_report.near_misses)
+    assert _ours(gm) == _peft_targets(model, target_modules="all-linear")
+    assert [s.param for s in gm.lora_report.sites if not s.uses] == ["layers.0.self_attn.out_proj.weight"]
+    assert any("out_proj" in str(n) and "outside its module's own forward" in n.reason for n in gm.lora_report.near_misses)
+    gm.eval()
+    randomize_lora(gm, std=0.1)
+    lora_fx.save_adapter(gm, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            assert_close(theirs(x), gm(x))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    named = lora_fx.inject_lora(model, ["self_attn"], rank=2, example_inputs=(x,))
+    assert sorted(named.lora_state.sites) == ["layers.0.self_attn.in_proj_weight", "layers.0.self_attn.out_proj.weight"]
+    assert all(s.uses for s in named.lora_report.sites)
