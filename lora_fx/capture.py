@@ -137,6 +137,7 @@ def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dic
         notes=notes,
         recapture=recapture,
         kind=kind,
+        fixed_shapes=fixed_shapes(inputs, positional) if kind == FORWARD else {},
     )
     out.eval()
     return out
@@ -276,11 +277,30 @@ def capture_call(module: nn.Module, args: tuple, kwargs: dict) -> LoraGraphModul
     return _capture(module, signature, inputs, positional, weights=None)
 
 
+def fixed_size(v) -> bool:
+    """A batch of images, videos or latents (a floating tensor of 4 dims or more): captured at its
+    size, with only the batch dynamic. A symbolic height and width make windowed vision models take
+    minutes to trace (Swin: 777 s with every dim dynamic, 4 s with the batch only); another size
+    captures the model again (`LoraGraphModule` does it on the call)."""
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 4
+
+
 def auto_dims(inputs):
     """torch.export dynamic_shapes for `inputs`: every dim of every tensor Dim.AUTO (export keeps it
-    dynamic unless the model pins it, as a conv's channels)."""
-    return pytree.tree_map(lambda v: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
-                           inputs, is_leaf=lambda v: v is None)
+    dynamic unless the model pins it, as a conv's channels), but only the batch of an image batch
+    (`fixed_size`)."""
+    def dims(v):
+        if not isinstance(v, torch.Tensor):
+            return None
+        return {0: Dim.AUTO} if fixed_size(v) else {d: Dim.AUTO for d in range(v.dim())}
+
+    return pytree.tree_map(dims, inputs, is_leaf=lambda v: v is None)
+
+
+def fixed_shapes(inputs, positional: bool) -> dict[str, tuple[int, ...]]:
+    """The sizes (all but the batch) a capture fixed, by input name (or position)."""
+    items = enumerate(inputs) if positional else inputs.items()
+    return {str(k): tuple(v.shape[1:]) for k, v in items if fixed_size(v)}
 
 
 def _export(model: nn.Module, inputs, positional: bool, training: bool, weights: dict | None,

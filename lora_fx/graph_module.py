@@ -42,6 +42,16 @@ class CaptureInfo:
     notes: list[str] = field(default_factory=list)
     recapture: Recapture | None = None  # None: this graph cannot be captured again (no source)
     kind: str = "forward"  # "forward": the model's forward; "decoder": one decoding step with a KV cache
+    fixed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # image inputs' sizes (all but batch)
+
+    def other_size(self, inputs) -> tuple | None:
+        """The sizes of the fixed-size inputs in a call when they are not the captured ones, else None."""
+        if not self.fixed_shapes:
+            return None
+        items = dict(enumerate(inputs)) if isinstance(inputs, (tuple, list)) else inputs
+        sizes = tuple((k, tuple(v.shape[1:])) for k, v in ((k, items.get(int(k) if self.positional else k))
+                                                             for k in self.fixed_shapes) if isinstance(v, torch.Tensor))
+        return sizes if any(s != self.fixed_shapes[k] for k, s in sizes) else None
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Name every call input as the forward does; drop inputs left at a default of None."""
@@ -135,18 +145,25 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     def _dispatch(self, *args, **kwargs):
         cap = self.capture_info
-        if cap is None or cap.positional or cap.signature is None or torch.compiler.is_compiling():
+        if cap is None or cap.signature is None or torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
+        if cap.positional:
+            sizes = cap.other_size(args) if not kwargs else None
+            if sizes is None or not cap.can_recapture():
+                return super().__call__(*args, **kwargs)
+            return self.variant(tuple(args), sizes)(*args)
         if not args and len(kwargs) == len(cap.input_names) and all(k in kwargs for k in cap.input_names):
-            return super().__call__(**kwargs)
+            sizes = cap.other_size(kwargs)
+            return super().__call__(**kwargs) if sizes is None else self.variant(kwargs, sizes)(**kwargs)
         inputs = cap.bind(args, kwargs)
-        if set(inputs) == set(cap.input_names):
+        sizes = cap.other_size(inputs)
+        if set(inputs) == set(cap.input_names) and sizes is None:
             return super().__call__(**inputs)
-        return self.variant(inputs)(**inputs)
+        return self.variant(inputs, sizes)(**inputs)
 
-    def variant(self, inputs: dict[str, Any]) -> LoraGraphModule:
-        """The graph for another set of inputs, captured on first use and cached."""
-        key = frozenset(inputs)
+    def variant(self, inputs, sizes: tuple | None = None) -> LoraGraphModule:
+        """The graph for another set of inputs (or image sizes, `sizes`), captured on first use and cached."""
+        key = frozenset(inputs) if sizes is None else (frozenset(inputs) if isinstance(inputs, dict) else "positional", sizes)
         found = self._variants.get(key)
         if found is None:
             cap = self.capture_info
