@@ -135,11 +135,11 @@ def test_plain_function_module_with_f_linear():
 
 def test_images_are_captured_at_their_size_and_another_size_captures_again():
     """Only the batch of an image input is dynamic (symbolic height and width made Swin's capture take
-    13 minutes); a call at another size captures the model again, for keyword and positional inputs."""
+    13 minutes); a call at another size captures the model again."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 2))
     gm = lora_fx.capture(net, (torch.randn(2, 3, 16, 16),))
-    assert gm.capture_info.fixed_shapes == {"0": (3, 16, 16)}
+    assert gm.capture_info.fixed_shapes == {"input": (3, 16, 16)}
     for shape in ((5, 3, 16, 16), (2, 3, 24, 20)):
         x = torch.randn(*shape)
         assert max_abs(gm(x), net(x)) == 0
