@@ -123,6 +123,9 @@ def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dic
                 train_probs = [modes.dropout_p(n) for n in train_sites]
             else:
                 notes.append("train-mode graph differs from the eval graph; attention dropout is off in training")
+    if kind == FORWARD and caching_configs(model):
+        notes.append("the KV cache is off in this capture (use_cache=False): past_key_values is not among its outputs; "
+                     "generate() captures a decoding step with its cache")
     replaced = modes.make_mode_aware(gm, train_probs)
     if replaced:
         notes.append(f"{replaced} dropout sites follow train()/eval()")
@@ -231,14 +234,23 @@ def inputs_from_config(model: nn.Module) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def caching_configs(model: nn.Module) -> list:
+    """The configs (every submodule's: T5's decoder stack has its own) whose KV cache capture turns
+    off: a returned Cache object cannot be exported. A recurrent state of plain tensors (RWKV's
+    `state`) is an output like any other, and stays."""
+    if "state" in inspect.signature(type(model).forward).parameters:
+        return []
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    return [c for c in configs.values() if getattr(c, "use_cache", None)]
+
+
 @contextlib.contextmanager
 def capture_state(model: nn.Module, training: bool):
     """Put the model in the mode to capture, with no KV cache and no fused MHA fast path; restore
     every module's own mode and the config afterwards."""
     modes_before = [(m, m.training) for m in model.modules()]
     # every config a submodule reads (T5's decoder stack has its own copy)
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
-    caching = [c for c in configs.values() if getattr(c, "use_cache", None)]
+    caching = caching_configs(model)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.train(training)

@@ -144,3 +144,18 @@ def test_images_are_captured_at_their_size_and_another_size_captures_again():
         x = torch.randn(*shape)
         assert max_abs(gm(x), net(x)) == 0
     assert len(gm.variants) == 1
+
+
+def test_a_recurrent_state_of_tensors_stays_an_output():
+    """RWKV returns its recurrent state as plain tensors: the capture keeps it (a KV cache object,
+    which torch.export cannot return, is turned off and the notes say so)."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    model = RwkvForCausalLM(RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                       intermediate_size=64, context_length=32)).eval()
+    ids = token_ids()
+    gm = lora_fx.capture(model, ids)
+    out, ref = gm(**ids), model(**ids)
+    assert len(out.state) == 5 and all(max_abs(a, b) == 0 for a, b in zip(out.state, ref.state))
+    assert any("KV cache is off" in n for n in lora_fx.capture(tiny_llama(use_cache=True), ids).capture_info.notes)
