@@ -112,7 +112,8 @@ def _capture(model: nn.Module, signature, inputs, positional: bool, weights: dic
     notes = []
     train_probs = None
     sites = modes.dropout_sites(gm.graph)
-    if sites and modes.has_dropout(model) and kind == FORWARD:  # a decoding step only generates: eval
+    # a decoding step only generates (eval); a second, train-mode capture only where attention hides its dropout
+    if sites and kind == FORWARD and modes.has_dropout(model) and modes.hidden_attention_dropout(model, gm.graph):
         try:
             train_sites = modes.dropout_sites(_export(model, inputs, positional, training=True, weights=weights).graph)
         except CaptureError as e:

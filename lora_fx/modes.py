@@ -71,6 +71,23 @@ def has_dropout(model: nn.Module) -> bool:
     return False
 
 
+def hidden_attention_dropout(model: nn.Module, graph: torch.fx.Graph) -> bool:
+    """Whether an eval-mode capture may hide a dropout probability: some attention
+    (`scaled_dot_product_attention`) runs in a module that carries a non-zero dropout value (its own,
+    or its config's). Only then is a train-mode capture needed to read it; `aten.dropout` sites keep
+    their probability in an eval capture."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not SDPA:
+            continue
+        try:
+            owner = model.get_submodule(innermost_module_path(node))
+        except AttributeError:
+            return True
+        if has_dropout(owner) or (innermost_module_path(node) == "" and has_dropout(model)):
+            return True
+    return False
+
+
 def make_mode_aware(gm: torch.fx.GraphModule, train_probs: list[float] | None) -> int:
     """Replace each dropout site of an eval-mode capture by a module call that obeys `training`.
 
