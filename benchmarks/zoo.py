@@ -271,8 +271,12 @@ def one(model_type: str, cls_name: str) -> dict:
     def inject():
         gm = lora_fx.inject_lora(model, "all-linear", rank=RANK, alpha=ALPHA, example_inputs=inputs)
         state["gm"] = gm
-        row["sites"] = len(gm.lora_state.sites)
-        row["regions"] = list(getattr(gm.lora_report, "regions", []) or [])
+        row["sites"] = len(lora_fx.regions.model_sites(gm))
+        regions = lora_fx.regions_of(gm)
+        row["regions"] = sorted(regions.graphs) if regions is not None else []
+        row["capture"] = "regions" if regions is not None else "whole"
+        if regions is not None:
+            row["regions_reason"] = regions.reason[:300]
 
     def init():
         with torch.no_grad():
@@ -280,8 +284,8 @@ def one(model_type: str, cls_name: str) -> dict:
         assert d <= SAME, f"output at init differs from the model's by {d:.2e}"
 
     def targets():
-        ours = sorted({s.file_path if not s.by_parameter else s.param.rpartition(".")[0]
-                       for s in state["gm"].lora_state.sites.values()})
+        ours = sorted({s.file_path if not s.file_param else s.param.rpartition(".")[0]
+                       for s in lora_fx.regions.model_sites(state["gm"]).values()})
         theirs = state.get("peft_targets")
         if theirs is None:
             raise RuntimeError("PEFT fails on this model; nothing to compare")
@@ -328,7 +332,8 @@ def one(model_type: str, cls_name: str) -> dict:
         # no gradient is right where the weight does not reach the outputs: not run by this capture (PEFT
         # wraps it all the same), or computed into an output the model drops (a causal LM's pooler);
         # PEFT's own LoRA gets no gradient there either
-        unused = {gm.lora_state.sites[s.param].holder for s in gm.lora_report.sites if not s.uses}
+        sites = lora_fx.regions.model_sites(gm)
+        unused = {sites[s.param].holder for s in gm.lora_report.sites if not s.uses}
         unused |= state.get("peft_no_grad", set())
         missing = [n for n, p in lora.items() if p.grad is None and lora_fx.parse_lora_name(n).holder not in unused]
         frozen = [n for n, p in gm.named_parameters() if p.grad is not None and n not in lora and p.requires_grad is False]
@@ -342,7 +347,9 @@ def one(model_type: str, cls_name: str) -> dict:
         with torch.no_grad():
             diff = rel_diff(folded(**inputs), state["ours"])
         assert diff <= SAME, f"folded outputs differ from unfolded by {diff:.2e}"
-        diff_graph = lora_fx.graph_diff(lora_fx.capture(model, inputs), folded)
+        untouched = (lora_fx.regions.untouched(state["gm"]) if lora_fx.regions_of(folded) is not None
+                     else lora_fx.capture(model, inputs))
+        diff_graph = lora_fx.graph_diff(untouched, folded)
         assert diff_graph.identical, f"folded graph is not the original: {str(diff_graph)[:200]}"
 
     def merged():

@@ -27,7 +27,8 @@ from .errors import CaptureError, TargetError
 from .graph_module import LoraGraphModule, Regions, regions_of
 from .match import TargetSpec, match_weights, named_weights
 from .paths import frozen_copy, set_module
-from .report import InjectReport
+from .peft_rules import is_gpt2_conv1d, peft_module
+from .report import InjectReport, NearMiss
 from .state import LoraConfig, Site
 
 
@@ -127,18 +128,16 @@ def inject_regions(model: nn.Module, spec: TargetSpec, config: LoraConfig, adapt
                           f"regional capture: {reason[:200]})")
     tree = frozen_copy(model)
     calls = record_calls(tree, example_inputs, _ancestors(named))
-    regions = region_paths(tree, named, calls)
     graphs: dict[str, LoraGraphModule] = {}
     rows, near, counters, notes = [], [], {}, [f"captured by regions: {reason}"]
-    captured = []
-    for path, names in sorted(regions.items()):
-        module = tree.get_submodule(path)
-        args, kwargs = calls[path]
-        try:
-            graph = capture_call(module, args, kwargs)
-        except CaptureError as e:
-            raise CaptureError(f"regional capture: {path} ({type(module).__name__}) does not trace either: {e}") from e
-        captured.append((path, graph, *match_weights(graph, local_spec(spec, path, names))))
+    stand_ins = _stand_in_calls(tree, named, calls, spec.all_linear)
+    if stand_ins:
+        notes.append(f"{len(stand_ins)} linear modules the forward does not call on these inputs (e.g. {stand_ins[0]}) "
+                     "were captured on a stand-in input, as PEFT wraps them: their LoRA is in the files and trains "
+                     "where they run")
+    regions, traced = _capture_regions(tree, named, calls, near)
+    captured = [(path, traced[path], *match_weights(traced[path], local_spec(spec, path, names)))
+                for path, names in sorted(regions.items())]
     magnitudes = biases = None
     if callable(weights):
         weights, magnitudes, biases = weights([global_site(m.site, p) for p, _, ms, _ in captured for m in ms])
@@ -171,6 +170,56 @@ def inject_regions(model: nn.Module, spec: TargetSpec, config: LoraConfig, adapt
     tree.lora_report = report  # as on a graph: what inject_lora did
     tree.train(model.training)
     return tree
+
+
+def _stand_in_calls(tree: nn.Module, named: dict[str, str], calls: dict, all_linear: bool) -> list[str]:
+    """A stand-in call (a zero batch of its input size) for each named linear module the forward did
+    not call, so it is a region of its own as PEFT wraps it; an nn.MultiheadAttention's out_proj,
+    named through its attention, is left to the attention (which reads it). Returns their paths."""
+    attention = {p for p, m in tree.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    added = []
+    for name in named:
+        owner = name.rpartition(".")[0]
+        module = tree.get_submodule(owner) if owner else None
+        if owner in calls or peft_module(module) != "linear" or (owner.rpartition(".")[0] in attention and not all_linear):
+            continue
+        w = module.weight
+        features = w.shape[0] if is_gpt2_conv1d(module) else w.shape[1]
+        calls[owner] = ((torch.zeros(2, 3, features, dtype=w.dtype, device=w.device),), {})
+        added.append(owner)
+    return added
+
+
+def _capture_regions(tree: nn.Module, named: dict[str, str], calls: dict, near: list) -> tuple[dict, dict]:
+    """Each region captured on its recorded call: (region path -> weights, region path -> graph). A
+    weight whose own module the forward does not call is looked for in the module around it (an
+    attention reading its out_proj); where that module does not trace, the weight is left out with a
+    near miss (Longformer's global-attention projections, unused on these inputs) and its neighbours
+    are captured on their own."""
+    named, traced = dict(named), {}
+    while True:
+        regions = region_paths(tree, named, calls)
+        failed = None
+        for path in sorted(regions):
+            if path in traced:
+                continue
+            module = tree.get_submodule(path)
+            try:
+                traced[path] = capture_call(module, *calls[path])
+            except CaptureError as e:
+                failed = (path, module, e)
+                break
+        if failed is None:
+            return regions, traced
+        path, module, error = failed
+        uncalled = [n for n in regions[path] if n.rpartition(".")[0] not in calls]
+        if not uncalled:
+            raise CaptureError(f"regional capture: {path} ({type(module).__name__}) does not trace either: {error}") from error
+        for name in uncalled:
+            near.append(NearMiss(named.pop(name), name, f"its module is not called by the forward on these inputs, and "
+                                 f"{path}, the module around it, does not trace: not adapted"))
+        if not named:
+            raise TargetError(f"regional capture: every named weight's region fails to trace ({path}: {error})")
 
 
 def _under_path(by_name: dict | None, path: str) -> dict | None:
@@ -250,3 +299,10 @@ def untouched(model: nn.Module) -> nn.Module:
         args, kwargs = (tuple(cap.example_inputs), {}) if cap.positional else ((), dict(cap.example_inputs))
         graphs[path] = capture_call(cap.source, args, kwargs)
     return with_regions(model, graphs, folded=True)
+
+
+def model_sites(model: nn.Module) -> dict[str, Site]:
+    """Every adapted weight's site with the model's paths, of a graph or a regionally captured model."""
+    if regions_of(model) is None:
+        return dict(model.lora_state.sites)
+    return {s.param: s for path, g in each_region(model) for s in (global_site(x, path) for x in g.lora_state.sites.values())}
