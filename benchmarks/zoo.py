@@ -63,7 +63,7 @@ SMALL = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "top_k": 2, "n_group": 1, "topk_group": 1,
     "max_position_embeddings": 512, "vocab_size": 1024, "image_size": 64, "num_channels": 3,
-    "attention_hidden_size": 64,
+    "attention_hidden_size": 64, "rotary_dim": 8,
 }
 LIST_DEPTHS = ("depths", "encoder_depths", "decoder_depths")
 # shrinking levels tried in turn until the model builds and runs: everything; all but head_dim; all but
@@ -110,7 +110,8 @@ def shrunk(config, small: dict = SMALL):
             for count in ("num_hidden_layers", "num_layers"):
                 if count in values:
                     values[count] = n
-        elif key.endswith("_layer_types") or key == "qk_head_dim" or (key == "head_dim" and key not in small):
+        elif key.endswith("_layer_types") or key in ("qk_head_dim", "out_features", "out_indices", "stage_names") or (
+                key == "head_dim" and key not in small):
             values.pop(key)  # derived: rebuilt for the new layer count / head sizes
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "cls_token_id", "mask_token_id"):

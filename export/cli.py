@@ -72,7 +72,9 @@ def _analyze(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as passes over torch.fx graphs")
+    parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as passes over torch.fx graphs; exit codes: "
+                                     "0 same (or done), 1 different, 2 any error")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("diff", help="compare two ONNX files or two saved graphs; exit 0 if the structure is the same, 1 if not")
     d.add_argument("a")
@@ -88,8 +90,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _diff(args) if args.command == "diff" else _analyze(args)
-    except (RuntimeError, lora_fx.AdapterFileError, OSError) as e:
-        print(f"lora-fx {args.command}: {e}", file=sys.stderr)
+    except Exception as e:  # any failure is exit 2, never 1 ("the graphs differ"), in one line
+        if args.debug:
+            raise
+        line = (str(e).strip().splitlines() or [""])[0]
+        print(f"lora-fx {args.command}: error: {type(e).__name__}: {line} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -82,6 +82,12 @@ def test_bad_arguments_exit_2(files, run):
     assert run("diff", p["base"], d / "missing.onnx").returncode == 2
     r = run("diff", p["base"], p["base_pt2"])
     assert r.returncode == 2 and "two .onnx files or two .pt2 graphs" in r.stderr
+    # not ONNX at all (issue 27: was a protobuf traceback and exit 1, "the graphs differ")
+    (d / "not_onnx.onnx").write_text("hello")
+    r = run("diff", d / "not_onnx.onnx", d / "not_onnx.onnx")
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    with pytest.raises(Exception):
+        run("--debug", "diff", d / "not_onnx.onnx", d / "not_onnx.onnx")
 
 
 @needs_dot
