@@ -89,7 +89,10 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
                               "can capture (replace the untraceable line), or serve the merged model in PyTorch") from e
     _check_formats(module)
     if kv_cache:
-        gm = module.decode_step() if isinstance(module, LoraGraphModule) else lora_fx.capture_decoder(module)
+        try:
+            gm = module.decode_step() if isinstance(module, LoraGraphModule) else lora_fx.capture_decoder(module)
+        except lora_fx.InputsError as e:  # not a model with a KV cache: nothing was written
+            raise ExportError(f"kv_cache=True: {e}") from None
         example_inputs = gm.capture_info.example_inputs
         args, kwargs = (), dict(example_inputs)
         dynamic_shapes = lora_fx.decoder_dims(kwargs) if dynamic else None

@@ -381,7 +381,8 @@ def _cache_argument(model: nn.Module) -> str | None:
 def check_decoder(model: nn.Module) -> None:
     """Refuse, with the reason, a model that cannot run as a decoding step with a KV cache."""
     config = getattr(model, "config", None)
-    if _cache_argument(model) is None or not hasattr(model, "get_output_embeddings"):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if _cache_argument(model) is None or head is None:
         raise InputsError(
             f"{type(model).__name__} has no KV cache to capture (its forward takes no `cache` / "
             "`past_key_values`): a kv-cache decoder needs a causal LM (a transformers *ForCausalLM)"
@@ -411,7 +412,10 @@ def decoder_example(model: nn.Module, weights: dict | None = None) -> dict[str, 
         if device.type == "meta":
             raise InputsError("capturing a decoder needs real weights to size its cache, not meta tensors")
         out = model(input_ids=probe_ids, use_cache=True)
-    grown = out.cache if hasattr(out, "cache") else out.past_key_values
+    grown = getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+    if grown is None or not getattr(grown, "layers", None):
+        raise InputsError(f"{type(model).__name__} returns no KV cache with use_cache=True (an encoder, or a decoder "
+                          "class not configured as one, e.g. is_decoder=False): a kv-cache export needs a causal LM")
     past_len, new_len = 3, 4
     past = tuple(
         (torch.randn(BATCH, k.shape[1], past_len, k.shape[3], generator=gen).to(device, k.dtype),

@@ -54,3 +54,15 @@ def test_unfolded_lora_graph_exports_and_runs(built, onnx_dir):
     inputs = built.case.batch(built.model, B2, S2, seed=9)
     _assert_ort_runs_what_torch_runs(path, built.random_b(), inputs)
     assert not export.onnx_diff(built.onnx("base", onnx_dir), path).same_structure  # the LoRA branch is there to see
+
+
+@pytest.mark.parametrize("cls", ["BertModel", "BertLMHeadModel", "BertForMaskedLM"])
+def test_kv_export_of_a_model_without_a_kv_cache_is_a_clear_error(cls, tmp_path):
+    """Issue 27: an encoder with kv_cache=True was an AttributeError inside capture."""
+    import transformers
+
+    model = getattr(transformers, cls)(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                               num_attention_heads=4, intermediate_size=64)).eval()
+    with pytest.raises(export.ExportError, match="kv_cache=True: .*(no KV cache|causal LM)"):
+        export.export_onnx(model, tmp_path / "m.onnx", kv_cache=True)
+    assert not any(tmp_path.iterdir())
