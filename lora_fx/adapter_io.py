@@ -253,6 +253,9 @@ def peft_refusal(sites: list[Site], config: dict) -> str | None:
     other weights only as parameter targets, while their own module's forward runs (its ParamWrapper:
     matrices and expert stacks, no fan_in_fan_out)."""
     for s in sites:
+        if s.groups > 1:
+            return (f"{s.param} is a grouped convolution (groups={s.groups}): lora-fx trains an update of its grouped "
+                    "weight, and PEFT's grouped-conv LoRA is another function, with other shapes")
         if s.by_parameter or s.peft_target == "module":
             continue
         if s.peft_target == "none":

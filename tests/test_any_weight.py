@@ -165,13 +165,22 @@ def test_dilated_conv_fold_equals_peft_merge(tmp_path):
         assert_close(merged(**x), gm(**x))
 
 
-def test_grouped_conv_is_adapted_through_its_weight():
+def test_grouped_conv_is_adapted_through_its_weight(tmp_path):
     model = ConvNet().eval()
     x = {"pixel_values": torch.randn(2, 3, 32, 32)}
     gm = lora_fx.inject_lora(model, ["grouped"], rank=4, example_inputs=x)
     assert gm.lora_report.counters == {"weight": 1}
     a = lora_fx.lora_parameters(gm, lora_fx.LORA_A)["grouped.lora_A.default.weight"]
     assert a.shape == (4, 8, 3, 3)  # [r, in/groups, *kernel]: an update of the grouped weight itself
+    # PEFT's grouped-conv LoRA is another function: no file PEFT would misread (issue 27: a size-mismatch
+    # RuntimeError inside PeftModel.from_pretrained) is written, unless asked for lora-fx only
+    randomize_lora(gm)
+    with pytest.raises(lora_fx.ConfigError, match=r"grouped convolution \(groups=2\).*lora_fx_only=True"):
+        lora_fx.save_adapter(gm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    lora_fx.save_adapter(gm, tmp_path / "ours", lora_fx_only=True)
+    with torch.no_grad():
+        assert_close(lora_fx.load_adapter(model, tmp_path / "ours", example_inputs=x)(**x), gm(**x))
 
 
 # ------------------------------------------------------------------------ PEFT's other semantics
