@@ -421,6 +421,7 @@ def validate_config(config: dict, where) -> dict:
         "lora_bias": config.get("lora_bias", False),
         "lora_fx_blocks": config.get("lora_fx_blocks") or {},
         "init_lora_weights": config.get("init_lora_weights", True),
+        "lora_fx_only": bool(config.get("lora_fx_only", False)),
     }
 
 
@@ -534,8 +535,9 @@ def _resolved_file_targets(file: AdapterFile, model: nn.Module | None):
     """The file's targets as PEFT applies them to `model` (its MoE renames, see match.resolve_targets),
     the rank / alpha patterns they add merged into the file's config."""
     config = file.config
-    resolved = resolve_targets(parse_targets(file.targets(), config["target_parameters"]), model,
-                               config["r"], config["lora_alpha"])
+    spec = parse_targets(file.targets(), config["target_parameters"])
+    spec.own_calls = not config["lora_fx_only"]  # a file PEFT reads means what it means in PEFT
+    resolved = resolve_targets(spec, model, config["r"], config["lora_alpha"])
     if resolved.rank_pattern or resolved.alpha_pattern:
         file.config = {**config, "rank_pattern": {**config["rank_pattern"], **resolved.rank_pattern},
                        "alpha_pattern": {**config["alpha_pattern"], **resolved.alpha_pattern}}

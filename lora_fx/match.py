@@ -71,6 +71,9 @@ class TargetSpec:
     all_linear: bool = False
     blocks: dict[str, Any] = field(default_factory=dict)  # name -> fused-block spec
     parameters: list[str] = field(default_factory=list)  # PEFT's target_parameters: parameter paths or suffixes
+    # LoRA acts only where the named module's own forward reads its weight, as PEFT's wrappers do
+    # (always for "all-linear"; for PEFT's files, so they load to PEFT's numbers)
+    own_calls: bool = False
 
     def keys(self) -> list[str]:
         return list(self.names) + ([self.regex] if self.regex else []) + list(self.blocks) + list(self.parameters)
@@ -163,7 +166,7 @@ def resolve_targets(spec: TargetSpec, model: nn.Module | None, rank: int, alpha:
         return Resolved(spec)
     note = (f"as PEFT does on {family}-family models, targets {sorted(moved.renamed)} name the fused experts "
             f"{sorted(set(moved.renamed.values()))} (by parameter) instead of modules")
-    return Resolved(TargetSpec(names=moved.names, parameters=moved.parameters), moved.rank_pattern,
+    return Resolved(TargetSpec(names=moved.names, parameters=moved.parameters, own_calls=spec.own_calls), moved.rank_pattern,
                     moved.alpha_pattern, note)
 
 
@@ -280,6 +283,8 @@ def classify(weight_nodes: list[torch.fx.Node]):
 
 
 def _in_stack(node: torch.fx.Node, path: str) -> bool:
+    if not path:  # the graph's own module (a region captured at its weight's module)
+        return True
     stack = node.meta.get("nn_module_stack") or {}
     return any(p == path for p, _ in stack.values())
 
@@ -602,18 +607,28 @@ def _site(gm: nn.Module, spec: TargetSpec, key: str, name: str, kind: str, uses:
     # LoRA lives on the module for its `.weight` (PEFT's place); a module's other 2-D parameters
     # (nn.MultiheadAttention's in_proj_weight next to out_proj) get a holder of their own
     holder = owner if (leaf == "weight" or two_d_leaves == [leaf]) else f"{owner}.{leaf}_lora".lstrip(".")
-    parent, child = _owner(owner)
     file_holder = ""
-    if child == "out_proj" and parent in attention and not spec.all_linear:
+    if (reach := _reach(spec, name, attention)) != owner:
         # PEFT adapts an nn.MultiheadAttention as a whole: out_proj belongs to the attention's
         # target, and PEFT's files spell its LoRA under base_layer
-        owner, file_holder = parent, f"{parent}.base_layer.out_proj"
+        owner, file_holder = reach, f"{reach}.base_layer.out_proj"
     groups = max((u.node.args[6] for u in uses if u.node.target in CONV_OPS and len(u.node.args) > 6), default=1)
     quantized = format_name(p)
     return Site(name, owner, holder, layout, in_f, out_f, blocks, fused, file_holder=file_holder, kind=kind,
                 shape=tuple(p.shape), by_parameter=by_parameter, bias=None if quantized else _common_bias(uses),
                 groups=int(groups), quantized=quantized, peft_target=_peft_target(cap, name, owner, uses, by_parameter),
-                own_calls_only=spec.all_linear)
+                own_calls_only=spec.all_linear or spec.own_calls)
+
+
+def _reach(spec: TargetSpec, name: str, attention: set[str]) -> str:
+    """The module whose forward PEFT's wrapper for weight `name` runs in: its own module, or the
+    nn.MultiheadAttention a target names when the weight is that attention's out_proj (PEFT wraps
+    the attention as a whole; naming out_proj itself wraps out_proj, which the attention never calls)."""
+    owner = _owner(name)[0]
+    parent, child = _owner(owner)
+    if child == "out_proj" and parent in attention and not spec.all_linear and spec.which(owner) is None:
+        return parent
+    return owner
 
 
 def match_weights(
@@ -656,12 +671,15 @@ def match_weights(
                 uses, tables, left_alone = quantized_uses(gm, _owner(name)[0], calls), [], []
             else:
                 uses, tables, left_alone = _uses(get_attrs, names, _owner(name)[0])
-            if linear is not None:  # PEFT's wrapper acts only where the module's own forward runs
-                inside = [u for u in uses if _in_stack(u.node, _owner(name)[0])]
+            if (linear is not None or spec.own_calls) and by_parameter is None:
+                # PEFT's wrapper acts only where the wrapped module's own forward runs
+                reach = _reach(spec, name, attention)
+                inside = [u for u in uses if _in_stack(u.node, reach)]
                 if len(inside) < len(uses):
                     near.append(NearMiss(key, name, "is read outside its module's own forward (a parent reads the weight, "
-                                         "as nn.MultiheadAttention reads its out_proj): PEFT's all-linear wraps the module "
-                                         "there with no effect, and so does lora-fx; name it in targets to adapt that read"))
+                                         "as nn.MultiheadAttention reads its out_proj): PEFT's wrapper has no effect "
+                                         "there, and so has lora-fx's" + ("; name it in targets to adapt that read"
+                                                                          if spec.all_linear else "")))
                 uses = inside
             owner_module = _module_at(source, _owner(name)[0])
             kind = _kind(spec, name, p, uses, tables, by_parameter is not None, peft_module(owner_module))

@@ -98,7 +98,7 @@ def region_paths(model: nn.Module, weights: dict[str, str], calls: dict[str, tup
 def local_spec(spec: TargetSpec, region: str, names: list[str]) -> TargetSpec:
     """What to match inside a region's graph: the named weights, by their paths in the region (module
     names, or parameter paths for parameter targets; a fused-block spec keeps its blocks)."""
-    out = TargetSpec()
+    out = TargetSpec(own_calls=spec.own_calls)
     for name in names:
         local = name[len(region) + 1:] if region else name
         owner, _, leaf = local.rpartition(".")

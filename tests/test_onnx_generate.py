@@ -135,7 +135,7 @@ def test_kv_cache_export_of_a_model_without_a_cache_is_refused(tmp_path):
     from models import CASES
 
     bert = next(c for c in CASES if c.name == "bert").build()
-    with pytest.raises(lora_fx.InputsError, match="BertForSequenceClassification has no KV cache"):
+    with pytest.raises(export.ExportError, match="kv_cache=True: BertForSequenceClassification has no KV cache"):
         export.export_onnx(bert, tmp_path / "bert.onnx", kv_cache=True)
     assert not (tmp_path / "bert.onnx").exists()
 

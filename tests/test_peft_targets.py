@@ -155,3 +155,36 @@ def test_all_linear_on_multihead_attention_is_peft_s_even_where_it_does_nothing(
     named = lora_fx.inject_lora(model, ["self_attn"], rank=2, example_inputs=(x,))
     assert sorted(named.lora_state.sites) == ["layers.0.self_attn.in_proj_weight", "layers.0.self_attn.out_proj.weight"]
     assert all(s.uses for s in named.lora_report.sites)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["linear1", "out_proj"]])
+def test_peft_s_multihead_attention_files_load_to_peft_s_numbers(targets, tmp_path):
+    """A PEFT file naming nn.MultiheadAttention's out_proj itself (what PEFT writes for all-linear)
+    wraps out_proj, which the attention never calls: loaded by lora-fx it has no effect either
+    (it was 'missing LoRA weights for ...base_layer.out_proj'). Named in lora-fx's own targets,
+    out_proj's read is adapted, and the file is refused for PEFT with the reason."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=targets, init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "peft").iterdir()}
+    gm = lora_fx.load_adapter(model, tmp_path / "peft", example_inputs=(x,))
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            assert_close(gm(x), theirs(x))
+            assert rel_diff(gm(x), model(x)) > 1e-3  # linear1's LoRA acts
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert [s.param for s in gm.lora_report.sites if not s.uses] == ["layers.0.self_attn.out_proj.weight"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "peft").iterdir()} == before
+
+    if targets == "all-linear":
+        return
+    ours = lora_fx.inject_lora(model, targets, rank=2, example_inputs=(x,))
+    assert all(s.uses for s in ours.lora_report.sites)  # out_proj's read by the attention is adapted
+    with pytest.raises(lora_fx.ConfigError, match="PEFT could not load this adapter: .*out_proj"):
+        lora_fx.save_adapter(ours, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
