@@ -186,7 +186,7 @@ def file_holders(sites: list[Site]) -> dict[str, str]:
             by_owner.setdefault(s.param.rpartition(".")[0], []).append(s)
     for owner, group in by_owner.items():
         for i, s in enumerate(group):  # sites come in the module's registration order
-            out[s.param] = owner + ".base_layer" * (len(group) - 1 - i)
+            out[s.param] = ".".join(filter(None, [owner] + ["base_layer"] * (len(group) - 1 - i)))  # owner "": a region's own module
     return out
 
 

@@ -35,7 +35,7 @@ def _peft_targets(model, **config) -> set[str]:
 
 
 def _ours(gm) -> set[str]:
-    return {s.file_path if not s.file_param else s.param.rpartition(".")[0] for s in gm.lora_state.sites.values()}
+    return {s.file_path if not s.file_param else s.param.rpartition(".")[0] for s in lora_fx.regions.model_sites(gm).values()}
 
 
 def _round_trip_through_peft(gm, model, inputs, tmp_path):
@@ -101,12 +101,18 @@ def test_modules_the_capture_does_not_run_are_adapted_as_peft_wraps_them(tmp_pat
         lora_fx.inject_lora(model, ["encoder_attn.q_proj"], rank=4, example_inputs=IDS)
 
 
-def test_moe_targets_are_renamed_to_the_fused_experts_as_peft(tmp_path):
+@pytest.mark.parametrize("capture", ["whole", "regions"])
+def test_moe_targets_are_renamed_to_the_fused_experts_as_peft(capture, tmp_path):
+    """By regions, the experts module is a region whose own two stacks PEFT nests (one under
+    base_layer): the file's keys were `experts..base_layer` (PEFT: missing keys, other outputs)."""
     model = _moe("Qwen3Moe")
-    gm = lora_fx.inject_lora(model, "all-linear", rank=4, alpha=8, example_inputs=IDS)
+    gm = lora_fx.inject_lora(model, "all-linear", rank=4, alpha=8, example_inputs=IDS, capture=capture)
     assert _ours(gm) == _peft_targets(model, target_modules="all-linear", lora_alpha=8)
-    experts = [s for s in gm.lora_state.sites.values() if s.kind == "experts"]
+    sites = lora_fx.regions.model_sites(gm)
+    experts = [s for s in sites.values() if s.kind == "experts"]
     assert {s.param.rpartition(".")[2] for s in experts} == {"gate_up_proj", "down_proj"}
+    if capture == "regions":
+        return _round_trip_through_peft(gm, model, IDS, tmp_path)
     adapter = gm.lora_state.adapters["default"]
     assert {adapter.ranks[s.param] for s in experts if s.param.endswith("gate_up_proj")} == {8}  # the fused pair: 2r
     assert any("as PEFT does on qwen2_moe-family models" in n for n in gm.lora_report.notes)
