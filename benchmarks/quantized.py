@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import export  # noqa: E402
 import lora_fx  # noqa: E402
-from common import RESULTS, PeakRSS, in_subprocess, markdown  # noqa: E402
+from common import RESULTS, PeakRSS, in_subprocess, markdown, rss_bytes  # noqa: E402
 from smollm2_lora import add_run_args, encode, lm_loss, load, perplexity  # noqa: E402
 from sentiment_data import movie_reviews, split  # noqa: E402
 
@@ -219,30 +219,112 @@ def onnx_deployments(graphs, tok, texts, args) -> list[dict]:
     return rows
 
 
+def saved_bytes(step) -> int:
+    """Bytes autograd keeps for backward in one step: each saved tensor's storage once, parameters'
+    own storages left out (they are held anyway)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if lora_fx.quantized.is_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            inner = [getattr(t, n) for n in names if getattr(t, n) is not None]
+        else:
+            inner = [t]
+        for x in inner:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
 def peak_memory(fmt: str, args) -> dict:
-    """In this (fresh) process: peak RSS of loading the model, quantizing it, injecting LoRA and
-    training `args.rss_steps` steps, and the rise during training alone."""
+    """In this (fresh) process: resident memory above the level after imports while loading the
+    model, quantizing it, injecting LoRA (or PEFT's, or full fine-tuning) and training; the rise over
+    warm steps (after a first step has faulted the weights in and made the optimizer's state), the
+    bytes saved for backward per step, and the warm step time."""
     torch.set_num_threads(args.threads)
-    with PeakRSS() as load_peak:
+    torch.manual_seed(0)
+    after_imports = rss_bytes()
+    with PeakRSS() as setup:
         tok, model = load()
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         base = quantize(model.eval(), fmt)
-        train_rows, _ = split(movie_reviews(), args.steps * args.batch, args.held_out)
-        texts = [t for t, _ in train_rows]
-        example, _ = encode(tok, texts[:2], args.max_length)
-        if args.rss_peft:
+        texts = [t for t, _ in split(movie_reviews(), 64 * args.batch, args.held_out)[0]]
+        enc = tok([t + tok.eos_token for t in texts], padding="max_length", truncation=True,
+                  max_length=args.rss_length, return_tensors="pt")
+        batches = [{k: v[i:i + args.batch] for k, v in enc.items()} for i in range(0, len(texts), args.batch)]
+        if args.rss_mode == "peft":
             from peft import LoraConfig, get_peft_model
 
             gm = get_peft_model(base, LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16)).train()
+        elif args.rss_mode == "full":
+            gm = base.train()
+            gm.requires_grad_(True)
         else:
-            gm = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming", example_inputs=example).train()
-    step = step_fn(gm, tok, texts, args)
-    with PeakRSS() as train_peak:
+            gm = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming",
+                                     example_inputs=dict(batches[0])).train()
+        held = rss_bytes()
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
+    state = {"i": 0}
+
+    def step():
+        inputs = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        logits = gm(**inputs).logits[:, :-1]
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)[:, 1:]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                          ignore_index=-100).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with PeakRSS() as first:
+        step()
+    times = []
+    with PeakRSS() as warm:
         for _ in range(args.rss_steps):
+            t0 = time.perf_counter()
             step()
-    return {"format": f"{fmt} (PEFT)" if args.rss_peft else fmt, "peak_rss_mb": max(load_peak.peak, train_peak.peak) / 2**20,
-            "training_rise_mb": (train_peak.peak - train_peak.start) / 2**20}
+            times.append(time.perf_counter() - t0)
+    saved = saved_bytes(step)
+    mb = 2 ** 20
+    return {"base": fmt, "run": {"lora-fx": "lora-fx", "peft": "PEFT", "full": "full fine-tuning"}[args.rss_mode],
+            "peak_mb": (max(setup.peak, first.peak, warm.peak) - after_imports) / mb,
+            "setup_peak_mb": (setup.peak - after_imports) / mb, "held_after_setup_mb": (held - after_imports) / mb,
+            "warm_rise_mb": (warm.peak - warm.start) / mb, "saved_mb": saved / mb,
+            "step_ms": 1000 * statistics.median(times)}
+
+
+def memory_table(rows: list[dict], args) -> str:
+    """Per (base, run): the mean of the runs (and their spread), ratios to lora-fx float32 and to PEFT."""
+    keys = ("peak_mb", "setup_peak_mb", "held_after_setup_mb", "warm_rise_mb", "saved_mb", "step_ms")
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["base"], r["run"]), []).append(r)
+    mean = {c: {k: statistics.mean(r[k] for r in rs) for k in keys} for c, rs in cases.items()}
+    out = []
+    for (base, run), m in mean.items():
+        spread = max(max(r["peak_mb"] for r in cases[(base, run)]) - min(r["peak_mb"] for r in cases[(base, run)]), 0)
+        peft = mean.get((base, "PEFT"))
+        f32 = mean.get(("float32", run))
+        out.append({"base": base, "run": run, **{k: f"{m[k]:.0f}" for k in keys},
+                    "peak spread": f"{spread:.0f}",
+                    "peak / float32": f"{m['peak_mb'] / f32['peak_mb']:.2f}" if f32 else "",
+                    "peak / PEFT": f"{m['peak_mb'] / peft['peak_mb']:.2f}" if peft and run == "lora-fx" else "",
+                    "step / PEFT": f"{m['step_ms'] / peft['step_ms']:.2f}" if peft and run == "lora-fx" else ""})
+    head = (f"SmolLM2-135M-Instruct, LoRA r=8 on q_proj + v_proj (full fine-tuning: every weight), AdamW, batch "
+            f"{args.batch} x {args.rss_length} tokens, {args.threads} threads; one fresh process per case, the cases "
+            f"interleaved, {args.rss_runs} runs (MB above the process after imports; means of the runs):\n"
+            "peak = the whole run's peak (load + quantize + inject + training); setup = during load, quantize and "
+            "inject; held = resident after them; warm rise = the peak over warm steps above their start (a first step "
+            "has faulted in the weights and made the optimizer's state); saved = bytes kept for backward per step.\n\n")
+    return head + markdown(out, [("base", "base"), ("run", "run"), ("peak MB", "peak_mb"), ("spread", "peak spread"),
+                                 ("setup peak MB", "setup_peak_mb"), ("held MB", "held_after_setup_mb"),
+                                 ("warm rise MB", "warm_rise_mb"), ("saved MB", "saved_mb"), ("step ms", "step_ms"),
+                                 ("peak / float32", "peak / float32"), ("peak / PEFT", "peak / PEFT"),
+                                 ("step / PEFT", "step / PEFT")]) + "\n"
 
 
 def table(s: dict) -> str:
@@ -288,23 +370,28 @@ def main(argv=None):
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "quantized"))
     ap.add_argument("--rss", metavar="FORMAT", help="only: peak RSS of one format in this process (prints JSON)")
-    ap.add_argument("--rss-steps", type=int, default=5)
-    ap.add_argument("--rss-peft", action="store_true", help="with --rss: PEFT's LoRA instead of lora-fx's")
+    ap.add_argument("--rss-steps", type=int, default=3, help="warm steps measured")
+    ap.add_argument("--rss-length", type=int, default=64, help="tokens per sentence (padded)")
+    ap.add_argument("--rss-runs", type=int, default=2, help="interleaved runs of every case")
+    ap.add_argument("--rss-mode", choices=("lora-fx", "peft", "full"), default="lora-fx",
+                    help="with --rss: lora-fx's LoRA, PEFT's, or full fine-tuning")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS table, one process per format")
     args = ap.parse_args(argv)
     if args.rss:
         print(json.dumps(peak_memory(args.rss, args)))
         return
     if args.memory_only:
-        rows = [in_subprocess("quantized", "--rss", fmt, "--threads", str(args.threads), *extra, timeout=1800)
-                for fmt in args.formats for extra in ([], ["--rss-peft"])]
-        text = (f"Peak RSS per process (load + quantize + inject + {args.rss_steps} training steps; one process per "
-                "format):\n\n" + markdown([{k: f"{v:.0f}" if isinstance(v, float) else v for k, v in r.items()}
-                                            for r in rows], [("base", "format"), ("peak RSS MB", "peak_rss_mb"),
-                                                             ("rise while training MB", "training_rise_mb")]) + "\n")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "memory.md").write_text(text)
+        cases = [(fmt, mode) for fmt in args.formats for mode in ("lora-fx", "peft")] + [("float32", "full")]
+        rows = []
+        for run_no in range(args.rss_runs):
+            for fmt, mode in cases:
+                rows.append(in_subprocess("quantized", "--rss", fmt, "--rss-mode", mode, "--threads", str(args.threads),
+                                          "--rss-steps", str(args.rss_steps), "--rss-length", str(args.rss_length),
+                                          "--batch", str(args.batch), timeout=1800))
+                print(rows[-1], flush=True)
+        text = memory_table(rows, args)
+        Path(args.out + "_memory.json").write_text(json.dumps(rows, indent=2))
+        Path(args.out + "_memory.md").write_text(text)
         print(text)
         return
     summary = run(args)

@@ -21,6 +21,7 @@ from .graph_module import LoraGraphModule, copy_of, derived
 from .match import Match, rematch
 from .paths import copy_graph, set_parameter
 from .report import InjectReport, NearMiss, SiteRow
+from .recompute import frozen_products
 from .rewrite import insert_lora, strip_lora, weight_form_sites
 from . import slot
 from .state import Adapter, LoraConfig, LoraState, Site, Weights
@@ -365,6 +366,10 @@ def _report(gm: LoraGraphModule, adapter: Adapter, matches: list[Match], near: l
     if unused:
         notes.append(f"{len(unused)} adapted weights are not used by this capture's forward (e.g. {unused[0]}): their LoRA "
                      "is in the files and trains where a capture for other inputs uses them (as PEFT wraps them)")
+    recomputed = len(frozen_products(gm, gm.graph))
+    if recomputed:
+        notes.append(f"{recomputed} products use a weight the graph computes from frozen tensors (a quantized layer's "
+                     "dequantize chain): training recomputes it in backward instead of keeping a float copy (lora_fx.recompute)")
     if counts.get("weight"):
         notes.append(f"{counts['weight']} uses adapted as W + scaling*B@A (their op is not a product with an activation); LoRA dropout does not apply to them")
     return InjectReport(

@@ -25,6 +25,7 @@ from . import modes
 from .errors import CaptureError, InputsError
 from .graph_module import CaptureInfo, LoraGraphModule
 from .paths import copy_non_persistent, set_buffer, set_parameter
+from .quantized import untraceable_weight
 
 # Example sizes: >= 2 so torch.export does not specialize a dim to 0 or 1, and distinct so two dims
 # are never assumed equal.
@@ -43,6 +44,9 @@ def capture(model: nn.Module, example_inputs: Any = None) -> LoraGraphModule:
     """
     if not isinstance(model, nn.Module):
         raise InputsError(f"capture needs an nn.Module, got {type(model).__name__}")
+    why = untraceable_weight(model)
+    if why is not None:
+        raise CaptureError(why)
     signature, inputs, positional = bind_example_inputs(model, example_inputs)
     return _capture(model, signature, inputs, positional, weights=None)
 

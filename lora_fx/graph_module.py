@@ -22,12 +22,14 @@ from .errors import InputsError, TargetError
 from .flat import flat_runner
 from .paths import copy_graph, copy_non_persistent, is_shard, own_stateless_modules, resolve, set_module, structure_copy
 from .ranks import check_ranks
+from .recompute import recompute_graph
 from .report import InjectReport
 from .state import LoraState
 
 # how to build a graph of the same model for other inputs (or after a dtype / device move), sharing
 # the primary graph's weights: capture.recapture, or its LoRA-aware version in lora_fx.attach
 Recapture = Callable[..., "LoraGraphModule"]  # (primary, inputs, kind=None) -> new graph
+RUNNER = "training-runner"  # where a graph keeps its training runner, beside its variants (dropped with them)
 
 
 @dataclass
@@ -112,6 +114,9 @@ class LoraGraphModule(torch.fx.GraphModule):
     def recompile(self):
         out = super().recompile()
         self._apply_signature()
+        variants = self.__dict__.get("_variants")
+        if variants:  # the training runner is this graph rewritten: rebuilt on use
+            variants.pop(RUNNER, None)
         return out
 
     def _apply_signature(self) -> None:
@@ -146,20 +151,43 @@ class LoraGraphModule(torch.fx.GraphModule):
     def _dispatch(self, *args, **kwargs):
         cap = self.capture_info
         if cap is None or cap.signature is None or torch.compiler.is_compiling():
-            return super().__call__(*args, **kwargs)
+            return self._run(*args, **kwargs)
         if cap.positional:
             sizes = cap.other_size(args) if not kwargs else None
             if sizes is None or not cap.can_recapture():
-                return super().__call__(*args, **kwargs)
+                return self._run(*args, **kwargs)
             return self.variant(tuple(args), sizes)(*args)
         if not args and len(kwargs) == len(cap.input_names) and all(k in kwargs for k in cap.input_names):
             sizes = cap.other_size(kwargs)
-            return super().__call__(**kwargs) if sizes is None else self.variant(kwargs, sizes)(**kwargs)
+            return self._run(**kwargs) if sizes is None else self.variant(kwargs, sizes)(**kwargs)
         inputs = cap.bind(args, kwargs)
         sizes = cap.other_size(inputs)
         if set(inputs) == set(cap.input_names) and sizes is None:
-            return super().__call__(**inputs)
+            return self._run(**inputs)
         return self.variant(inputs, sizes)(**inputs)
+
+    def _run(self, *args, **kwargs):
+        runner = self.training_runner() if torch.is_grad_enabled() else None
+        return super().__call__(*args, **kwargs) if runner is None else runner(*args, **kwargs)
+
+    @torch.compiler.disable  # built once, outside any trace; the runner it returns is traced
+    def training_runner(self) -> torch.fx.GraphModule | None:
+        """What runs this graph when gradients are on: the same graph over the same tensors, with each
+        product whose frozen weight the graph computes (a quantized weight's dequantize chain)
+        recomputing that weight in backward instead of keeping it (`lora_fx.recompute`); None when
+        there is none (a float base: the weights are parameters, kept by reference)."""
+        if RUNNER not in self._variants:
+            graph, functions, done = recompute_graph(self, self.graph)
+            runner = None
+            if done:
+                root = {n.target: resolve(self, n.target) for n in graph.nodes
+                        if n.op in ("get_attr", "call_module") and n.target not in functions}
+                runner = torch.fx.GraphModule({**root, **functions}, graph)
+                for attr in ("_in_spec", "_out_spec"):
+                    if hasattr(self, attr):
+                        setattr(runner, attr, getattr(self, attr))
+            self._variants[RUNNER] = runner
+        return self._variants[RUNNER]
 
     def variant(self, inputs, sizes: tuple | None = None) -> LoraGraphModule:
         """The graph for another set of inputs (or image sizes, `sizes`), captured on first use and cached."""
@@ -183,8 +211,8 @@ class LoraGraphModule(torch.fx.GraphModule):
     def variants(self) -> dict:
         """The graphs captured so far from this one's model (a copy of the cache): by the set of input
         names for other inputs; "decoder" for `decode_step()` and "decoder-runner" for the flat copy
-        `generate` runs."""
-        return dict(self._variants)
+        `generate` runs (not the training runner: it is this graph, rewritten)."""
+        return {k: v for k, v in self._variants.items() if k != RUNNER}
 
     def forget_variants(self) -> None:
         """Drop the graphs captured for other inputs; they are captured again on their next call

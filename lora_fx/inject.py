@@ -4,9 +4,10 @@ from __future__ import annotations
 from torch import nn
 
 from .attach import check_adapter_name, check_hparams, graph_to_adapt, inject_matched, new_adapter
-from .errors import CaptureError, ConfigError
+from .errors import CaptureError, ConfigError, TargetError
 from .graph_module import LoraGraphModule
 from .match import match_weights, output_layer, parse_targets, resolve_targets
+from .quantized import untraceable_weight
 from .regions import inject_regions
 from .state import LoraConfig
 
@@ -61,6 +62,9 @@ def inject_lora(
     check_adapter_name(adapter)
     spec = parse_targets(targets, target_parameters)
     trainable = _as_names(trainable)
+    why = untraceable_weight(model)
+    if why is not None:  # before any capture: by regions it would fail the same way, less clearly
+        raise TargetError(why)
     gm, reason = None, "asked for (capture='regions')"
     if capture != "regions":
         try:

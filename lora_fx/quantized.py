@@ -40,15 +40,24 @@ def format_name(p: torch.Tensor) -> str:
     return FORMATS.get(cls.__name__, "") if cls.__module__.startswith("torchao.") else ""
 
 
-def refusal(p: torch.Tensor) -> str | None:
-    """Why LoRA cannot sit beside subclass weight `p`, or None when it can (or `p` is plain)."""
-    if not is_subclass(p):
+def _bitsandbytes(p: torch.Tensor) -> str | None:
+    # Params4bit / Int8Params are Parameter subclasses over a plain uint8 / int8 tensor: not tensor
+    # subclasses, so they are recognised by their class
+    cls = next((c for c in (type(p), type(_tensor(p))) if c.__module__.startswith("bitsandbytes")), None)
+    if cls is None:
         return None
+    return (f"is a bitsandbytes weight ({cls.__name__}); torch.export cannot trace bitsandbytes' kernels. "
+            "Quantize the base with torchao instead (int8 weight-only, int4 Intx or NF4; see the README)")
+
+
+def refusal(p: torch.Tensor) -> str | None:
+    """Why LoRA cannot sit beside weight `p` (a quantized weight of a kind lora-fx does not know), or
+    None when it can (a plain or a supported quantized weight)."""
+    why = _bitsandbytes(p)
+    if why is not None or not is_subclass(p):
+        return why
     t = _tensor(p)
     cls = type(t)
-    if cls.__module__.startswith("bitsandbytes"):
-        return (f"is a bitsandbytes weight ({cls.__name__}); torch.export cannot trace bitsandbytes' kernels. "
-                "Quantize the base with torchao instead (int8 weight-only, int4 Intx or NF4; see the README)")
     name = format_name(t)
     if not name:
         return (f"is a tensor subclass ({cls.__name__}: a quantized weight?) lora-fx does not know; LoRA sits "
@@ -58,6 +67,15 @@ def refusal(p: torch.Tensor) -> str | None:
         return (f"is a torchao {cls.__name__} with dynamic activation quantization; its forward rounds the activation, so "
                 "no gradient reaches the layers below. Quantize weights only (Int8WeightOnlyConfig, "
                 "IntxWeightOnlyConfig) to train LoRA")
+    return None
+
+
+def untraceable_weight(model: torch.nn.Module) -> str | None:
+    """The first weight of `model` no capture can trace (bitsandbytes'), named with the reason; else None."""
+    for name, p in model.named_parameters():
+        why = _bitsandbytes(p)
+        if why is not None:
+            return f"{name} {why}"
     return None
 
 

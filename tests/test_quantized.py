@@ -96,6 +96,59 @@ def test_lora_trains_beside_the_quantized_weights(base, trained):
     assert losses[-1] < losses[0]
 
 
+def _backward(run, gm, batch):
+    """(LoRA gradients, float tensors of a quantized weight's shape saved for backward that are not a
+    parameter's own storage) of one loss through `run`."""
+    saved = []
+    shapes = {tuple(p.shape) for p in gm.parameters() if lora_fx.quantized.is_subclass(p)}
+    shapes |= {s[::-1] for s in shapes}
+    own = {p.untyped_storage().data_ptr() for p in gm.parameters() if not lora_fx.quantized.is_subclass(p)}
+    gm.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = run(**batch).logits
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"].flatten())
+    loss.backward()
+    copies = [t for t in saved if not lora_fx.quantized.is_subclass(t) and t.is_floating_point()
+              and tuple(t.shape) in shapes and t.untyped_storage().data_ptr() not in own]
+    return {n: p.grad.clone() for n, p in lora_fx.lora_parameters(gm).items()}, copies
+
+
+def test_no_float_copy_of_a_quantized_weight_is_kept_for_backward(base):
+    """Every product with a dequantized weight (all 7 linears of both layers, not only LoRA's targets)
+    recomputes it in backward: the same gradients as the graph run as it is, which keeps the copies."""
+    fmt, _, model = base
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    randomize_lora(gm)
+    batch = {**token_ids(), "attention_mask": torch.ones_like(token_ids()["input_ids"])}  # the captured inputs
+    assert len(lora_fx.recompute.frozen_products(gm, gm.graph)) == 14
+    assert any("recomputes it in backward" in n for n in gm.lora_report.notes)
+    as_is, kept = _backward(lambda **kw: torch.fx.GraphModule.__call__(gm, **kw), gm, batch)
+    grads, copies = _backward(gm, gm, batch)
+    # as it is, each product whose activation needs a gradient keeps its float weight: all but layer 0's
+    # q / k / v, which read the frozen embedding
+    assert len(kept) == 11 and copies == []
+    for name, g in as_is.items():
+        assert_close(grads[name], g, what=name)
+    assert _backward(gm, gm, {**batch, "labels": batch["input_ids"]})[1] == []  # other inputs: a new capture, recomputed too
+    assert gm.training_runner() is gm.training_runner()  # built once per graph
+    with torch.no_grad():  # inference runs the graph itself
+        assert max_abs(gm(**batch), torch.fx.GraphModule.__call__(gm, **batch)) == 0
+
+
+def test_the_recompute_holds_under_torch_compile():
+    """torch.compile traces the recomputing graph; AOTAutograd's partitioner would move a weight that
+    depends only on frozen tensors into forward and save it: it must not."""
+    model = quantized(tiny_llama(num_hidden_layers=1), "nf4")  # one layer: compile time
+    gm = lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8)
+    randomize_lora(gm)
+    batch = {**token_ids(), "attention_mask": torch.ones_like(token_ids()["input_ids"])}
+    eager, _ = _backward(gm, gm, batch)
+    compiled, copies = _backward(torch.compile(gm, backend="aot_eager"), gm, batch)
+    assert copies == []
+    for name, g in eager.items():
+        assert_close(compiled[name], g, what=name)
+
+
 def test_unfolded_is_the_quantized_product_plus_the_update(base, trained):
     """y = linear(x, deq(Wq)) + scaling * B @ A x: the float model with deq(Wq) + ΔW as weights."""
     fmt, float_model, model = base
@@ -211,6 +264,30 @@ def test_bitsandbytes_weights_name_torchao():
     Params4bit = type("Params4bit", (two_tensor,), {"__module__": "bitsandbytes.nn.modules"})
     reason = lora_fx.quantized.refusal(Params4bit(torch.zeros(2, 2), torch.zeros(2, 2)))
     assert "bitsandbytes" in reason and "torchao" in reason
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["stand-in", "bitsandbytes"])
+def test_a_bitsandbytes_model_is_refused_before_capture(real):
+    """bitsandbytes' Params4bit is a Parameter subclass over a plain uint8 tensor (no tensor
+    subclass): the refusal is by its class, before any capture (which would fail inside its kernels)."""
+    model = tiny_llama()
+    layer = model.model.layers[0].self_attn
+    if real:
+        bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+        linear = bnb.nn.Linear4bit(32, 32, bias=False, quant_type="nf4")
+        linear.weight = bnb.nn.Params4bit(layer.q_proj.weight.data.clone(), requires_grad=False,
+                                          quant_type="nf4")._quantize("cpu")
+        layer.q_proj = linear
+    else:
+        Params4bit = type("Params4bit", (nn.Parameter,), {"__module__": "bitsandbytes.nn.modules"})
+        layer.q_proj.weight = Params4bit(torch.zeros(32, 32, dtype=torch.uint8), requires_grad=False)
+    before = dict(model.named_parameters())
+    with pytest.raises(lora_fx.TargetError, match=r"model.layers.0.self_attn.q_proj.weight is a bitsandbytes weight "
+                                                  r"\(Params4bit\).*torchao"):
+        lora_fx.inject_lora(model, TARGETS)
+    with pytest.raises(lora_fx.CaptureError, match="bitsandbytes weight.*torchao"):
+        lora_fx.capture(model)
+    assert dict(model.named_parameters()) == before
 
 
 # ------------------------------------------------------------------------------------ ONNX
