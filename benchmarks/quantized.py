@@ -267,13 +267,16 @@ def peak_memory(fmt: str, args) -> dict:
             gm = lora_fx.inject_lora(base, TARGETS, rank=8, alpha=16, init="kaiming",
                                      example_inputs=dict(batches[0])).train()
         held = rss_bytes()
+    # "as-is": lora-fx's graph run as it is, without the training runner (lora_fx.recompute): what
+    # the recompute saves; the batches have the captured inputs, so the graph itself runs them
+    run = (lambda **kw: torch.fx.GraphModule.__call__(gm, **kw)) if args.rss_mode == "as-is" else gm
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
     state = {"i": 0}
 
     def step():
         inputs = batches[state["i"] % len(batches)]
         state["i"] += 1
-        logits = gm(**inputs).logits[:, :-1]
+        logits = run(**inputs).logits[:, :-1]
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)[:, 1:]
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                           ignore_index=-100).backward()
@@ -290,11 +293,18 @@ def peak_memory(fmt: str, args) -> dict:
             times.append(time.perf_counter() - t0)
     saved = saved_bytes(step)
     mb = 2 ** 20
-    return {"base": fmt, "run": {"lora-fx": "lora-fx", "peft": "PEFT", "full": "full fine-tuning"}[args.rss_mode],
+    return {"base": fmt, "run": {"lora-fx": "lora-fx", "peft": "PEFT", "full": "full fine-tuning",
+                                 "as-is": "lora-fx without recompute"}[args.rss_mode],
             "peak_mb": (max(setup.peak, first.peak, warm.peak) - after_imports) / mb,
             "setup_peak_mb": (setup.peak - after_imports) / mb, "held_after_setup_mb": (held - after_imports) / mb,
             "warm_rise_mb": (warm.peak - warm.start) / mb, "saved_mb": saved / mb,
             "step_ms": 1000 * statistics.median(times)}
+
+
+def write_memory(rows: list[dict], text: str) -> None:
+    here = Path(__file__).resolve().parent / "results"
+    (here / "quantized_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (here / "quantized_memory.md").write_text(text)
 
 
 def memory_table(rows: list[dict], args) -> str:
@@ -309,11 +319,14 @@ def memory_table(rows: list[dict], args) -> str:
         spread = max(max(r["peak_mb"] for r in cases[(base, run)]) - min(r["peak_mb"] for r in cases[(base, run)]), 0)
         peft = mean.get((base, "PEFT"))
         f32 = mean.get(("float32", run))
+        as_is, full = mean.get((base, "lora-fx without recompute")), mean.get(("float32", "full fine-tuning"))
         out.append({"base": base, "run": run, **{k: f"{m[k]:.0f}" for k in keys},
                     "peak spread": f"{spread:.0f}",
                     "peak / float32": f"{m['peak_mb'] / f32['peak_mb']:.2f}" if f32 else "",
                     "peak / PEFT": f"{m['peak_mb'] / peft['peak_mb']:.2f}" if peft and run == "lora-fx" else "",
-                    "step / PEFT": f"{m['step_ms'] / peft['step_ms']:.2f}" if peft and run == "lora-fx" else ""})
+                    "step / PEFT": f"{m['step_ms'] / peft['step_ms']:.2f}" if peft and run == "lora-fx" else "",
+                    "step / without recompute": f"{m['step_ms'] / as_is['step_ms']:.2f}" if as_is and run == "lora-fx" else "",
+                    "peak / full fine-tuning": f"{m['peak_mb'] / full['peak_mb']:.2f}" if full and run != "full fine-tuning" else ""})
     head = (f"SmolLM2-135M-Instruct, LoRA r=8 on q_proj + v_proj (full fine-tuning: every weight), AdamW, batch "
             f"{args.batch} x {args.rss_length} tokens, {args.threads} threads; one fresh process per case, the cases "
             f"interleaved, {args.rss_runs} runs (MB above the process after imports; means of the runs):\n"
@@ -324,7 +337,8 @@ def memory_table(rows: list[dict], args) -> str:
                                  ("setup peak MB", "setup_peak_mb"), ("held MB", "held_after_setup_mb"),
                                  ("warm rise MB", "warm_rise_mb"), ("saved MB", "saved_mb"), ("step ms", "step_ms"),
                                  ("peak / float32", "peak / float32"), ("peak / PEFT", "peak / PEFT"),
-                                 ("step / PEFT", "step / PEFT")]) + "\n"
+                                 ("step / PEFT", "step / PEFT"), ("step / without recompute", "step / without recompute"),
+                                 ("peak / full FT", "peak / full fine-tuning")]) + "\n"
 
 
 def table(s: dict) -> str:
@@ -373,8 +387,9 @@ def main(argv=None):
     ap.add_argument("--rss-steps", type=int, default=3, help="warm steps measured")
     ap.add_argument("--rss-length", type=int, default=64, help="tokens per sentence (padded)")
     ap.add_argument("--rss-runs", type=int, default=2, help="interleaved runs of every case")
-    ap.add_argument("--rss-mode", choices=("lora-fx", "peft", "full"), default="lora-fx",
-                    help="with --rss: lora-fx's LoRA, PEFT's, or full fine-tuning")
+    ap.add_argument("--rss-mode", choices=("lora-fx", "peft", "full", "as-is"), default="lora-fx",
+                    help="with --rss: lora-fx's LoRA, PEFT's, full fine-tuning, or lora-fx's graph run as it is "
+                         "(no recompute of quantized weights in backward)")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS table, one process per format")
     args = ap.parse_args(argv)
     if args.rss:
@@ -382,6 +397,7 @@ def main(argv=None):
         return
     if args.memory_only:
         cases = [(fmt, mode) for fmt in args.formats for mode in ("lora-fx", "peft")] + [("float32", "full")]
+        cases += [(fmt, "as-is") for fmt in args.formats if fmt in ("int8", "nf4")]
         rows = []
         for run_no in range(args.rss_runs):
             for fmt, mode in cases:
@@ -390,8 +406,7 @@ def main(argv=None):
                                           "--batch", str(args.batch), timeout=1800))
                 print(rows[-1], flush=True)
         text = memory_table(rows, args)
-        Path(args.out + "_memory.json").write_text(json.dumps(rows, indent=2))
-        Path(args.out + "_memory.md").write_text(text)
+        write_memory(rows, text)
         print(text)
         return
     summary = run(args)
