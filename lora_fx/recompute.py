@@ -105,7 +105,7 @@ def frozen_chain(operand: torch.fx.Node, root: nn.Module) -> tuple[list[torch.fx
     """(the nodes computing `operand`, the frozen tensors they read) when `operand` is computed from
     frozen tensors only, reads at least one parameter and allocates (else None: an input, a trained
     weight or a plain parameter, which autograd keeps by reference)."""
-    chain, leaves, todo, seen = [], [], [operand], set()
+    chain, leaves, todo, seen, reads_parameter = [], [], [operand], set(), False
     while todo:
         node = todo.pop()
         if node in seen:
@@ -116,13 +116,13 @@ def frozen_chain(operand: torch.fx.Node, root: nn.Module) -> tuple[list[torch.fx
             if not isinstance(value, torch.Tensor) or value.requires_grad:
                 return None
             leaves.append(node)
+            reads_parameter |= isinstance(value, nn.Parameter)
         elif node.op == "call_function":
             chain.append(node)
             todo.extend(node.all_input_nodes)
         else:  # an input, a module call, ...
             return None
-    params = {n for n in leaves if isinstance(resolve(root, n.target), nn.Parameter)}
-    if not params or not any(_computes(n) for n in chain):
+    if not reads_parameter or not any(_computes(n) for n in chain):
         return None
     order = {n: i for i, n in enumerate(operand.graph.nodes)}
     return sorted(chain, key=order.get), sorted(leaves, key=order.get)
@@ -169,11 +169,14 @@ def recompute_graph(gm: nn.Module, graph: torch.fx.Graph) -> tuple[torch.fx.Grap
     """A copy of `graph` (over `gm`'s tensors) whose products with a computed frozen weight recompute
     it in backward; the weight functions it calls (get_attr targets -> module); what was rewritten.
     Without such a product: `graph` itself, no functions, nothing rewritten."""
-    if next(_candidates(gm, graph), None) is None:
+    found = list(_candidates(gm, graph))
+    if not found:
         return graph, {}, Recomputed()
-    graph = copy_graph(graph)
+    graph = copy_graph(graph)  # a deep copy keeps node names: the nodes found are looked up by name
+    copied = {n.name: n for n in graph.nodes}
     functions, done = {}, Recomputed()
-    for node, product, chain, leaves in list(_candidates(gm, graph)):
+    for node, product, chain, leaves in found:
+        node, chain, leaves = copied[node.name], [copied[n.name] for n in chain], [copied[n.name] for n in leaves]
         name = f"lora_recompute_{len(functions)}"
         functions[name] = weight_function(chain, leaves)
         with graph.inserting_before(node):
