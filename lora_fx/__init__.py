@@ -34,8 +34,9 @@ from . import regions
 from .graph_module import CaptureInfo, LoraGraphModule, Regions, regions_of, unfolded_lora
 from .hierarchy import unflatten
 from .inject import inject_lora
+from .loftq import LoftQConfig
 from .mixed import bank_name, bank_source, mixed_adapters
-from .report import InjectReport, NearMiss
+from .report import InjectReport, LoftQRow, NearMiss
 from .saved import load_graph, save_graph
 from .slot import LORA_A, LORA_B, LORA_M, LoraName, lora_parameters, parse_slot_free, scale_slot_free, slot_free_name
 from .slot import parse_name as parse_lora_name
@@ -48,6 +49,8 @@ __all__ = [
     "capture",
     "capture_decoder",
     "inject_lora",
+    "LoftQConfig",
+    "LoftQRow",
     "merge_lora",
     "unflatten",
     "check_ranks",

@@ -30,6 +30,7 @@ from .errors import AdapterFileError, CaptureError, ConfigError, TargetError
 from .graph_module import LoraGraphModule, regions_of, require_lora, unfolded_lora
 from .match import match_weights, output_layer, parse_targets, resolve_targets
 from .inject import CAPTURES
+from .loftq import BITS, LoftQConfig, apply_loftq, check_loftq
 from .regions import each_region, global_site, inject_regions, join, region_specs
 from .state import Adapter, LoraConfig, Site
 
@@ -40,9 +41,9 @@ MAX_CONFIG_BYTES = 1 << 20
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
         "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters", "use_dora",
-        "lora_bias", "lora_fx_grouped_convs", "lora_fx_dropout", "lora_fx_only"}
+        "lora_bias", "lora_fx_grouped_convs", "lora_fx_dropout", "lora_fx_only", "loftq_config"}
 IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
-           "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
+           "fan_in_fan_out", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
            "qalora_group_size", "lora_ga_config"}
 # fields that change the adapter's math: accepted only at their neutral value; a PEFT variant
 # lora-fx does not implement is refused by the field that turns it on
@@ -234,6 +235,13 @@ def config_for(sites: list[Site], adapter: Adapter, trainable: list[str], source
         "lora_bias": adapter.config.lora_bias,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
     }
+    if adapter.config.loftq_iterations:
+        # as PEFT's own LoftQ example saves: init_lora_weights=True ("don't apply LoftQ when loading
+        # again": PEFT would re-run it, on CUDA with bitsandbytes) and the loftq_config it used, which
+        # PEFT then ignores and lora-fx reads as "this adapter sits on a LoftQ base"
+        bits = {BITS[s.quantized] for s in sites if s.quantized in BITS}
+        config["init_lora_weights"] = True
+        config["loftq_config"] = {"loftq_bits": max(bits), "loftq_iter": adapter.config.loftq_iterations}
     if parameters and adapter.config.dropout:
         # PEFT's parameter targets refuse lora_dropout; it acts only in training, so the file says 0 for
         # PEFT and keeps the trained value for lora-fx
@@ -422,6 +430,7 @@ def validate_config(config: dict, where) -> dict:
         "lora_fx_blocks": config.get("lora_fx_blocks") or {},
         "init_lora_weights": config.get("init_lora_weights", True),
         "lora_fx_only": bool(config.get("lora_fx_only", False)),
+        "loftq_config": config.get("loftq_config") or None,
     }
 
 
@@ -475,20 +484,24 @@ def _weights_for(sites: list[Site], file: AdapterFile, directory):
 
 
 def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, example_inputs=None,
-                 capture: str = "auto"):
+                 capture: str = "auto", loftq: LoftQConfig | None = None):
     """Load an adapter folder (PEFT's or lora-fx's). Given an untouched model (or a capture of it),
     capture it, inject the adapter and return the graph module; given a graph module with LoRA (or a
     regionally captured model), add the adapter under `name` (not active until set_adapter) and
-    return it. `capture` as in `inject_lora` ("auto": by regions where the whole model does not trace)."""
+    return it. `capture` as in `inject_lora` ("auto": by regions where the whole model does not trace).
+    An adapter trained from LoftQ's start (lora-fx's files record it) sits on LoftQ's base, not the
+    model's: pass loftq=LoftQConfig(original=<the float weights>) to rebuild it (the file's iterations)."""
     file = read_adapter(directory)
     if capture not in CAPTURES:
         raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    loftq = _file_loftq(file, directory, loftq, gm_or_model)
     regions = regions_of(gm_or_model)
     if regions is not None or (capture == "regions" and not isinstance(gm_or_model, LoraGraphModule)):
         if regions is not None and file.modules:
             raise AdapterFileError(f"{directory} also holds full module weights (modules_to_save); load it into the model instead")
         try:
             resolved = _resolved_file_targets(file, regions.source if regions else gm_or_model)
+            _no_loftq_by_regions(loftq, directory)
             if regions is not None:
                 return _load_into_regions(gm_or_model, file, directory, name, resolved)
             return _load_by_regions(gm_or_model, file, directory, name, example_inputs,
@@ -510,6 +523,7 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
                 raise
             try:
                 resolved = _resolved_file_targets(file, gm_or_model)
+                _no_loftq_by_regions(loftq, directory)
                 return _load_by_regions(gm_or_model, file, directory, name, example_inputs,
                                         str(e).strip().splitlines()[0], resolved)
             except (TargetError, ConfigError) as err:
@@ -526,9 +540,44 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     if state is not None:
         attach_adapter(gm_or_model, sites, adapter)
         return gm_or_model
+    rows = apply_loftq(base, adapter, sites, loftq, factors=False) if loftq is not None else []
     gm = inject_matched(base, matches, near, adapter, file.config["modules_to_save"], exclude)
+    gm.lora_state.report.loftq.extend(rows)
     _load_trainable(gm, file.modules, directory)
     return gm
+
+
+def _file_loftq(file: AdapterFile, directory, loftq: LoftQConfig | None, target: nn.Module) -> LoftQConfig | None:
+    """The LoftQ base a file needs, rebuilt when loading into a model: the config to apply (with the
+    file's iterations), or None; a file from LoftQ's start is refused where its base cannot be had."""
+    record = file.config.get("loftq_config")
+    if record is None:
+        if loftq is not None:
+            raise ConfigError(f"loftq=... is given, but the adapter in {directory} was not trained from LoftQ's start")
+        return None
+    iterations = record.get("loftq_iter") if isinstance(record, dict) else None
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations <= 0:
+        raise AdapterFileError(f"{directory}: loftq_config.loftq_iter must be a positive int, got {iterations!r}")
+    state = unfolded_lora(target)
+    if state is not None or regions_of(target) is not None:
+        first = next(iter(state.adapters.values()), None) if state is not None else None
+        if first is None or first.config.loftq_iterations != iterations:
+            raise AdapterFileError(f"the adapter in {directory} was trained from LoftQ's start ({iterations} iterations): "
+                                   "its base is LoftQ's re-quantized weights, which this graph does not hold; load it "
+                                   "into the model with loftq=lora_fx.LoftQConfig(original=...)")
+        return None  # the graph holds that very base already
+    if loftq is None:
+        raise AdapterFileError(f"the adapter in {directory} was trained from LoftQ's start ({iterations} iterations): its "
+                               "base is LoftQ's re-quantized weights, not the model's. Pass "
+                               "loftq=lora_fx.LoftQConfig(original=<the float model, its state dict or safetensors>) to "
+                               "rebuild that base")
+    return check_loftq("loftq", replace(loftq, iterations=iterations))
+
+
+def _no_loftq_by_regions(loftq: LoftQConfig | None, directory) -> None:
+    if loftq is not None:
+        raise ConfigError(f"the adapter in {directory} sits on a LoftQ base, which lives in a whole-model capture; "
+                          "this model is captured by regions")
 
 
 def _resolved_file_targets(file: AdapterFile, model: nn.Module | None):
@@ -561,11 +610,13 @@ def _check_base_copies(base: nn.Module, copies: dict[str, torch.Tensor], directo
 def _file_config(file: AdapterFile) -> LoraConfig:
     config = file.config
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
+    loftq = config.get("loftq_config") or {}
+    init = "loftq" if loftq else init
     parameters = config["target_parameters"]
     return LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
                       tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],
                       None if parameters is None else tuple(parameters), config["use_rslora"], config["use_dora"],
-                      config["lora_bias"])
+                      config["lora_bias"], loftq.get("loftq_iter", 0))
 
 
 def _file_weights(sites: list[Site], file: AdapterFile, directory):

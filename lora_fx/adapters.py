@@ -33,6 +33,9 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
     if name in state.adapters:
         raise ConfigError(f"adapter {name!r} exists; delete_adapter it first or choose another name")
     check_hparams(rank, alpha, dropout, init)
+    if init == "loftq":  # LoftQ replaces the base, which the graph's adapters share
+        raise ConfigError("init='loftq' replaces the quantized base weights, which every adapter of a graph shares; "
+                          "use it in inject_lora (the first adapter), not add_adapter")
     first = next(iter(state.adapters.values()))
     if targets is None and target_parameters is None:
         targets, target_parameters = first.config.targets, first.config.target_parameters

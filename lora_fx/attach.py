@@ -26,7 +26,7 @@ from .rewrite import insert_lora, strip_lora, weight_form_sites
 from . import slot
 from .state import Adapter, LoraConfig, LoraState, Site, Weights
 
-INITS = ("gaussian", "kaiming")
+INITS = ("gaussian", "kaiming", "loftq")
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -43,7 +43,8 @@ def check_hparams(rank, alpha, dropout, init) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if init not in INITS:
-        raise ConfigError(f"init must be one of {INITS} (paper: 'gaussian'; PEFT default: 'kaiming'), got {init!r}")
+        raise ConfigError(f"init must be one of {INITS} (paper: 'gaussian'; PEFT default: 'kaiming'; LoftQ for a "
+                          f"quantized base: 'loftq'), got {init!r}")
 
 
 def pattern_value(pattern: dict, path: str, default):

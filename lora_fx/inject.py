@@ -6,6 +6,7 @@ from torch import nn
 from .attach import check_adapter_name, check_hparams, graph_to_adapt, inject_matched, new_adapter
 from .errors import CaptureError, ConfigError, TargetError
 from .graph_module import LoraGraphModule
+from .loftq import LoftQConfig, apply_loftq, check_loftq
 from .match import match_weights, output_layer, parse_targets, resolve_targets
 from .quantized import untraceable_weight
 from .regions import inject_regions
@@ -33,6 +34,7 @@ def inject_lora(
     use_dora: bool = False,
     lora_bias: bool = False,
     capture: str = "auto",
+    loftq: LoftQConfig | None = None,
 ) -> nn.Module:
     """Capture `model` and add LoRA beside every weight `targets` names.
 
@@ -55,11 +57,17 @@ def inject_lora(
     "regions": each module holding a targeted weight captured on its own, the rest of the model
     running its own code (`lora_fx.regions`); the result is then a copy of the model with the
     regions' graphs in it, and `model.lora_regions` says which and why.
+    init: "gaussian" (the paper's: A ~ N(0, 1/r^2)), "kaiming" (PEFT's default), or "loftq" for a
+    quantized base (PEFT's init_lora_weights="loftq"): with loftq=LoftQConfig(original=<the float
+    model, its state dict or a safetensors path>, iterations=1), A and B start from the base's
+    quantization error and the graph holds LoftQ's re-quantized base (`lora_fx.loftq`); the model
+    keeps its own. `gm.lora_report.loftq` has the error per weight before and after.
     """
     if capture not in CAPTURES:
         raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}")
     check_hparams(rank, alpha, dropout, init)
     check_adapter_name(adapter)
+    loftq = check_loftq(init, loftq)
     spec = parse_targets(targets, target_parameters)
     trainable = _as_names(trainable)
     why = untraceable_weight(model)
@@ -79,14 +87,19 @@ def inject_lora(
     config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable),
                         {**(rank_pattern or {}), **resolved.rank_pattern}, {**(alpha_pattern or {}), **resolved.alpha_pattern},
                         None if target_parameters is None else tuple(spec.parameters),
-                        bool(use_rslora), bool(use_dora), bool(lora_bias))
+                        bool(use_rslora), bool(use_dora), bool(lora_bias), loftq.iterations if loftq else 0)
     if gm is None:
+        if loftq is not None:
+            raise ConfigError(f"init='loftq' puts LoftQ's base into the captured graph, and this model is captured by "
+                              f"regions ({reason}); LoftQ needs the whole-model capture")
         if isinstance(model, LoraGraphModule):
             raise ConfigError("capture='regions' captures a model's modules one by one: pass the model, not a graph")
         return inject_regions(model, resolved.spec, config, adapter, trainable, example_inputs, reason, exclude, weights)
     matches, near = match_weights(gm, resolved.spec, exclude=exclude)
     new = new_adapter(gm, adapter, config, [m.site for m in matches], weights=weights)
+    rows = apply_loftq(gm, new, [m.site for m in matches], loftq) if loftq is not None else []
     gm = inject_matched(gm, matches, near, new, trainable, exclude)
+    gm.lora_state.report.loftq.extend(rows)
     if resolved.note:
         gm.lora_state.report.notes.append(resolved.note)
     return gm

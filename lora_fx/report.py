@@ -26,6 +26,23 @@ class SiteRow:
     left_alone: list[str]
 
 
+@dataclass(frozen=True)
+class LoftQRow:
+    """What LoftQ did to one weight: relative errors ||W - W'|| / ||W|| (Frobenius) of the base the
+    model had (W' = deq(Q(W))) and of the start LoftQ gives (W' = deq(Q_T) + scaling * B @ A)."""
+
+    param: str
+    format: str
+    iterations: int
+    error_before: float
+    error_after: float
+
+    @property
+    def reduction(self) -> float:
+        """The share of the quantization error LoftQ removes (0: none, 1: all)."""
+        return 1 - self.error_after / self.error_before if self.error_before else 0.0
+
+
 @dataclass
 class InjectReport:
     adapter: str
@@ -41,6 +58,7 @@ class InjectReport:
     trainable_modules: list[str]
     near_misses: list[NearMiss] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    loftq: list[LoftQRow] = field(default_factory=list)  # init="loftq": per quantized weight
 
     @property
     def matched(self) -> list[str]:
@@ -65,6 +83,11 @@ class InjectReport:
             uses = ", ".join(f"{k} x{v}" for k, v in sorted(s.uses.items()))
             lines.append(f"  {s.param:<{width}}  {s.layout}  {s.blocks:<14} {uses}")
             lines.extend(f"    left alone: {why}" for why in s.left_alone)
+        if self.loftq:
+            before = sum(r.error_before for r in self.loftq) / len(self.loftq)
+            after = sum(r.error_after for r in self.loftq) / len(self.loftq)
+            lines.append(f"LoftQ ({self.loftq[0].iterations} iterations) on {len(self.loftq)} quantized weights: "
+                         f"mean relative error {before:.4f} -> {after:.4f}")
         lines.extend(f"near miss: {n}" for n in self.near_misses)
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

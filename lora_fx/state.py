@@ -130,6 +130,7 @@ class LoraConfig:
     use_rslora: bool = False  # scaling = alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     use_dora: bool = False  # DoRA: W' = m * (W0 + scaling * B @ A) / ||W0 + scaling * B @ A|| (per output)
     lora_bias: bool = False  # PEFT's lora_bias: lora_B has a bias too, folded into the layer's bias
+    loftq_iterations: int = 0  # init="loftq": PEFT's loftq_iter (the base in the graph is LoftQ's, not the model's)
 
 
 @dataclass

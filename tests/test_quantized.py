@@ -245,6 +245,112 @@ def test_adapter_files_are_those_of_the_float_base(base, tmp_path):
     assert max_abs(loaded(**batch), on_quantized(**batch)) == 0
 
 
+# ------------------------------------------------------------------------------------ LoftQ
+def snapshot(model):
+    """Every weight of a (partly) quantized model: the object and the values it stands for."""
+    value = lambda p: lora_fx.quantized.dequantize(p) if lora_fx.quantized.is_subclass(p) else p  # noqa: E731
+    return {n: (p, value(p).detach().clone()) for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model, snap):
+    now = snapshot(model)
+    assert now.keys() == snap.keys()
+    for name, (p, v) in snap.items():
+        assert now[name][0] is p and torch.equal(now[name][1], v), f"{name} changed"
+
+
+def _loftq(model, float_model, iterations=1, **kw):
+    return lora_fx.inject_lora(model, TARGETS, rank=4, alpha=8, init="loftq",
+                               loftq=lora_fx.LoftQConfig(float_model, iterations=iterations), **kw)
+
+
+def test_loftq_starts_closer_to_the_float_weights(base):
+    """deq(Q_T) + scaling * B @ A is closer to W than the base is, for every weight; the graph runs
+    that weight; the model keeps its own base."""
+    fmt, float_model, model = base
+    snap = snapshot(model)
+    one, five = _loftq(model, float_model), _loftq(model, float_model, iterations=5)
+    assert_unchanged(model, snap)
+    for gm, n in ((one, 1), (five, 5)):
+        rows = gm.lora_report.loftq
+        assert [r.param for r in rows] == list(gm.lora_state.sites) and all(r.format == fmt for r in rows)
+        assert all(r.iterations == n and 0 < r.error_after < 0.9 * r.error_before for r in rows), rows
+    mean = lambda gm: sum(r.error_after for r in gm.lora_report.loftq)  # noqa: E731
+    assert mean(five) <= 1.01 * mean(one)
+    # the measured error is the graph's: the float model with deq(graph's base) + ΔW as weights
+    reference = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for site in five.lora_state.sites.values():
+            w = reference.get_parameter(site.param)
+            graph_w = lora_fx.quantized.dequantize(five.get_parameter(site.param))
+            w_err = (graph_w + lora_fx.delta_weight(five, site) - float_model.get_parameter(site.param)).norm()
+            row = next(r for r in five.lora_report.loftq if r.param == site.param)
+            assert w_err.item() == pytest.approx(row.error_after * w.norm().item(), rel=1e-4)
+            w.copy_(graph_w + lora_fx.delta_weight(five, site))
+        for name, p in reference.named_parameters():  # the layers LoftQ did not touch: the base's values
+            q = model.get_parameter(name)
+            if name not in five.lora_state.sites and lora_fx.quantized.is_subclass(q):
+                p.copy_(lora_fx.quantized.dequantize(q))
+    batch = token_ids()
+    assert_close(five(**batch), reference(**batch), ulps=1000)
+    with torch.enable_grad():  # training runs the recompute copy over the same (LoftQ) base
+        assert_close(five(**batch).logits.detach(), reference(**batch).logits, ulps=1000)
+
+
+def test_loftq_files_round_trip(tmp_path):
+    """Saved as PEFT's LoftQ example saves (init_lora_weights=True, so PEFT does not run LoftQ again on
+    load); lora-fx's record rebuilds the LoftQ base on load, and refuses to load without it."""
+    fmt, float_model = "nf4", tiny_llama()
+    model = quantized(copy.deepcopy(float_model), fmt)
+    gm = _loftq(model, float_model, iterations=2)
+    randomize_lora(gm, std=0.05)
+    lora_fx.save_adapter(gm, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True
+    assert config["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
+    with pytest.raises(lora_fx.AdapterFileError, match=r"LoftQ's start \(2 iterations\).*loftq=lora_fx.LoftQConfig"):
+        lora_fx.load_adapter(model, tmp_path / "a")
+    loaded = lora_fx.load_adapter(model, tmp_path / "a", loftq=lora_fx.LoftQConfig(float_model.state_dict()))
+    batch = token_ids()
+    assert max_abs(loaded(**batch), gm(**batch)) == 0
+    lora_fx.load_adapter(gm, tmp_path / "a", name="again")  # into the graph that holds the LoftQ base
+    with pytest.raises(lora_fx.AdapterFileError, match="LoftQ's start.*this graph does not hold"):
+        lora_fx.load_adapter(lora_fx.inject_lora(model, TARGETS), tmp_path / "a", name="b")
+    peft = pytest.importorskip("peft")
+    with pytest.warns(UserWarning, match="loftq_config.*ignored"):  # PEFT's own reading of its LoftQ example's files
+        assert peft.PeftConfig.from_pretrained(tmp_path / "a").init_lora_weights is True
+
+
+def test_loftq_refusals():
+    float_model = tiny_llama()
+    nf4 = quantized(copy.deepcopy(float_model), "nf4")
+    snap = snapshot(nf4)
+    with pytest.raises(lora_fx.ConfigError, match="float: there is nothing to correct"):
+        _loftq(float_model, float_model)
+    with pytest.raises(lora_fx.ConfigError, match="iterations must be a positive int"):
+        _loftq(nf4, float_model, iterations=0)
+    with pytest.raises(lora_fx.ConfigError, match="init='loftq' needs the float weights"):
+        lora_fx.inject_lora(nf4, TARGETS, init="loftq")
+    with pytest.raises(lora_fx.ConfigError, match="pass init='loftq'"):
+        lora_fx.inject_lora(nf4, TARGETS, loftq=lora_fx.LoftQConfig(float_model))
+    with pytest.raises(lora_fx.ConfigError, match="differs from LoftQConfig.original's weight by .*quantized from"):
+        _loftq(nf4, _other_weights(float_model))
+    with pytest.raises(lora_fx.ConfigError, match="has no weight 'model.layers.0.self_attn.q_proj.weight'"):
+        _loftq(nf4, {"lm_head.weight": float_model.lm_head.weight})
+    gm = lora_fx.inject_lora(nf4, TARGETS)
+    with pytest.raises(lora_fx.ConfigError, match="every adapter of a graph shares"):
+        lora_fx.add_adapter(gm, "b", TARGETS, init="loftq")
+    assert_unchanged(nf4, snap)
+
+
+def _other_weights(model):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    return other
+
+
 def test_refusals():
     model = quantized(tiny_llama(), "dynamic")
     with pytest.raises(lora_fx.TargetError, match="dynamic activation quantization.*Quantize weights only"):
