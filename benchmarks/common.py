@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # where the committed tables live
 
 
 def interleaved(cases: dict, rounds: int, per_round: int, warmup: int = 2, seed: int = 0) -> dict[str, float]:
