@@ -29,6 +29,7 @@ from .attach import attach_adapter, base_copy, graph_to_adapt, inject_matched, n
 from .errors import AdapterFileError, CaptureError, ConfigError, TargetError
 from .graph_module import LoraGraphModule, regions_of, require_lora, unfolded_lora
 from .match import match_weights, output_layer, parse_targets, resolve_targets
+from .peft_rules import selection
 from .inject import CAPTURES
 from .loftq import BITS, LoftQConfig, apply_loftq, check_loftq
 from .regions import each_region, global_site, inject_regions, join, region_specs
@@ -41,14 +42,14 @@ MAX_CONFIG_BYTES = 1 << 20
 # adapter_config.json fields lora-fx reads, and fields that are harmless metadata
 USED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
         "modules_to_save", "use_rslora", "lora_fx_blocks", "init_lora_weights", "target_parameters", "use_dora",
-        "lora_bias", "lora_fx_grouped_convs", "lora_fx_dropout", "lora_fx_only", "loftq_config"}
+        "lora_bias", "lora_fx_grouped_convs", "lora_fx_dropout", "lora_fx_only", "loftq_config",
+        "exclude_modules", "layers_to_transform", "layers_pattern"}
 IGNORED = {"task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
            "fan_in_fan_out", "eva_config", "corda_config", "megatron_core", "ensure_weight_tying",
            "qalora_group_size", "lora_ga_config"}
 # fields that change the adapter's math: accepted only at their neutral value; a PEFT variant
 # lora-fx does not implement is refused by the field that turns it on
-NEUTRAL = {"bias": "none", "layers_to_transform": None,
-           "layers_pattern": None, "exclude_modules": None, "use_qalora": False,
+NEUTRAL = {"bias": "none", "use_qalora": False,
            "trainable_token_indices": None, "layer_replication": None, "alora_invocation_tokens": None,
            "arrow_config": None, "megatron_config": None, "use_bdlora": None, "kasa_config": None,
            "velora_config": None, "monteclora_config": None}
@@ -234,6 +235,9 @@ def config_for(sites: list[Site], adapter: Adapter, trainable: list[str], source
         "bias": "none", "use_rslora": adapter.config.use_rslora, "use_dora": adapter.config.use_dora,
         "lora_bias": adapter.config.lora_bias,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
+        # the targets above are the adapted modules' paths, which PEFT matches exactly (no layer filter),
+        # so these only record what selected them
+        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, **adapter.config.selection,
     }
     if adapter.config.loftq_iterations:
         # as PEFT's own LoftQ example saves: init_lora_weights=True ("don't apply LoftQ when loading
@@ -421,6 +425,11 @@ def validate_config(config: dict, where) -> dict:
     for key in ("use_rslora", "use_dora", "lora_bias"):
         if not isinstance(config.get(key, False), bool):
             raise AdapterFileError(f"{where}: {key} must be true or false")
+    chosen = {k: config.get(k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern")}
+    try:
+        selection(**chosen, string_targets=isinstance(targets, str))
+    except ConfigError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
     return {
         "r": r, "lora_alpha": float(alpha), "lora_dropout": float(dropout), "target_modules": targets,
         "target_parameters": parameters or None,
@@ -431,6 +440,7 @@ def validate_config(config: dict, where) -> dict:
         "init_lora_weights": config.get("init_lora_weights", True),
         "lora_fx_only": bool(config.get("lora_fx_only", False)),
         "loftq_config": config.get("loftq_config") or None,
+        "selection": chosen,
     }
 
 
@@ -584,7 +594,7 @@ def _resolved_file_targets(file: AdapterFile, model: nn.Module | None):
     """The file's targets as PEFT applies them to `model` (its MoE renames, see match.resolve_targets),
     the rank / alpha patterns they add merged into the file's config."""
     config = file.config
-    spec = parse_targets(file.targets(), config["target_parameters"])
+    spec = parse_targets(file.targets(), config["target_parameters"], **config["selection"])
     spec.own_calls = not config["lora_fx_only"]  # a file PEFT reads means what it means in PEFT
     resolved = resolve_targets(spec, model, config["r"], config["lora_alpha"])
     if resolved.rank_pattern or resolved.alpha_pattern:
@@ -616,7 +626,7 @@ def _file_config(file: AdapterFile) -> LoraConfig:
     return LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
                       tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],
                       None if parameters is None else tuple(parameters), config["use_rslora"], config["use_dora"],
-                      config["lora_bias"], loftq.get("loftq_iter", 0))
+                      config["lora_bias"], loftq.get("loftq_iter", 0), selection=dict(config["selection"]))
 
 
 def _file_weights(sites: list[Site], file: AdapterFile, directory):

@@ -23,9 +23,10 @@ from .state import LoraConfig, Weights
 def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, alpha: float = 16,
                 dropout: float = 0.0, init: str = "gaussian", rank_pattern=None, alpha_pattern=None,
                 weights=None, target_parameters=None, use_rslora: bool = False, use_dora: bool = False,
-                lora_bias: bool = False) -> None:
-    """Add a new adapter (not active until set_adapter). `targets` (and `target_parameters`) default
-    to the first adapter's. Weights it adapts that no adapter adapted before get LoRA nodes (a graph
+                lora_bias: bool = False, exclude_modules=None, layers_to_transform=None, layers_pattern=None) -> None:
+    """Add a new adapter (not active until set_adapter). `targets` (and `target_parameters`, and
+    PEFT's layer selection: exclude_modules, layers_to_transform, layers_pattern) default to the
+    first adapter's. Weights it adapts that no adapter adapted before get LoRA nodes (a graph
     change, once)."""
     regions = regions_of(gm)
     state = require_lora(each_region(gm)[0][1] if regions else gm, "add_adapter")
@@ -37,15 +38,18 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
         raise ConfigError("init='loftq' replaces the quantized base weights, which every adapter of a graph shares; "
                           "use it in inject_lora (the first adapter), not add_adapter")
     first = next(iter(state.adapters.values()))
+    chosen = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
     if targets is None and target_parameters is None:
         targets, target_parameters = first.config.targets, first.config.target_parameters
-    spec = parse_targets(targets, target_parameters)
+        if all(v is None for v in chosen.values()):
+            chosen = dict(first.config.selection)
+    spec = parse_targets(targets, target_parameters, **chosen)
     source = regions.source if regions else gm.capture_info.source if gm.capture_info else None
     resolved = resolve_targets(spec, source, rank, alpha)
     config = LoraConfig(targets, rank, alpha, dropout, init, (), {**(rank_pattern or {}), **resolved.rank_pattern},
                         {**(alpha_pattern or {}), **resolved.alpha_pattern},
                         None if target_parameters is None else tuple(spec.parameters), bool(use_rslora), bool(use_dora),
-                        bool(lora_bias))
+                        bool(lora_bias), selection=spec.selection.as_peft())
     if regions is None:
         matches, _ = match_weights(base_copy(gm), resolved.spec, exclude=state.exclude)
         sites = [state.sites.get(m.site.param, m.site) for m in matches]

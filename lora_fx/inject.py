@@ -35,6 +35,9 @@ def inject_lora(
     lora_bias: bool = False,
     capture: str = "auto",
     loftq: LoftQConfig | None = None,
+    exclude_modules=None,
+    layers_to_transform=None,
+    layers_pattern=None,
 ) -> nn.Module:
     """Capture `model` and add LoRA beside every weight `targets` names.
 
@@ -57,6 +60,9 @@ def inject_lora(
     "regions": each module holding a targeted weight captured on its own, the rest of the model
     running its own code (`lora_fx.regions`); the result is then a copy of the model with the
     regions' graphs in it, and `model.lora_regions` says which and why.
+    exclude_modules / layers_to_transform / layers_pattern: PEFT's layer selection, with PEFT's
+    semantics (`peft_rules.Selection`): modules never adapted (names or a regex); the layer indices
+    to adapt (read from each path as PEFT reads it, or after `layers_pattern`, e.g. "layers").
     init: "gaussian" (the paper's: A ~ N(0, 1/r^2)), "kaiming" (PEFT's default), or "loftq" for a
     quantized base (PEFT's init_lora_weights="loftq"): with loftq=LoftQConfig(original=<the float
     model, its state dict or a safetensors path>, iterations=1), A and B start from the base's
@@ -68,7 +74,8 @@ def inject_lora(
     check_hparams(rank, alpha, dropout, init)
     check_adapter_name(adapter)
     loftq = check_loftq(init, loftq)
-    spec = parse_targets(targets, target_parameters)
+    spec = parse_targets(targets, target_parameters, exclude_modules=exclude_modules,
+                         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
     trainable = _as_names(trainable)
     why = untraceable_weight(model)
     if why is not None:  # before any capture: by regions it would fail the same way, less clearly
@@ -87,7 +94,8 @@ def inject_lora(
     config = LoraConfig(targets, rank, alpha, dropout, init, tuple(trainable),
                         {**(rank_pattern or {}), **resolved.rank_pattern}, {**(alpha_pattern or {}), **resolved.alpha_pattern},
                         None if target_parameters is None else tuple(spec.parameters),
-                        bool(use_rslora), bool(use_dora), bool(lora_bias), loftq.iterations if loftq else 0)
+                        bool(use_rslora), bool(use_dora), bool(lora_bias), loftq.iterations if loftq else 0,
+                        spec.selection.as_peft())
     if gm is None:
         if loftq is not None:
             raise ConfigError(f"init='loftq' puts LoftQ's base into the captured graph, and this model is captured by "

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
-from .peft_rules import MOE_RENAMES, is_gpt2_conv1d, leaf_names, moe_family, moe_targets, peft_module
+from .peft_rules import MOE_RENAMES, Selection, is_gpt2_conv1d, leaf_names, moe_family, moe_targets, peft_module, selection
 from .quantized import format_name, is_subclass, refusal
 from .report import NearMiss
 from .state import Block, Site
@@ -74,6 +74,7 @@ class TargetSpec:
     # LoRA acts only where the named module's own forward reads its weight, as PEFT's wrappers do
     # (always for "all-linear"; for PEFT's files, so they load to PEFT's numbers)
     own_calls: bool = False
+    selection: Selection = field(default_factory=Selection)  # PEFT's exclude_modules / layers_to_transform
 
     def keys(self) -> list[str]:
         return list(self.names) + ([self.regex] if self.regex else []) + list(self.blocks) + list(self.parameters)
@@ -83,24 +84,45 @@ class TargetSpec:
         return next((t for t in self.parameters if name == t or name.endswith("." + t)), None)
 
     def which(self, path: str) -> str | None:
-        """The entry of the spec that matches `path`, or None."""
-        for name in list(self.names) + list(self.blocks):
-            if path == name or path.endswith("." + name):
-                return name
+        """The entry of the spec that matches `path`, or None (PEFT's order: excluded first, then a
+        name equal to the path, then a "."-suffix in the selected layers, or the regex)."""
+        if self.selection.excludes(path):
+            return None
+        names = list(self.names) + list(self.blocks)
+        exact = next((n for n in names if path == n), None)
+        if exact is not None:
+            return exact
+        suffix = next((n for n in names if path.endswith("." + n)), None)
+        if suffix is not None:
+            return suffix if self.selection.keeps_layer(path) else None
         if self.regex is not None and re.fullmatch(self.regex, path):
             return self.regex
         return None
 
+    def linear(self, path: str) -> bool:
+        """"all-linear" keeps linear module `path`: PEFT expands it to the modules' leaf names, so a
+        top-level module is named exactly (no layer filter) and any other by suffix."""
+        return not self.selection.excludes(path) and ("." not in path or self.selection.keeps_layer(path))
 
-def parse_targets(targets, parameters=None) -> TargetSpec:
+
+def parse_targets(targets, parameters=None, *, exclude_modules=None, layers_to_transform=None,
+                  layers_pattern=None) -> TargetSpec:
     """`targets` (module names, a regex, "all-linear" or fused-block specs) and `parameters`
-    (PEFT's target_parameters: paths of weights that are not a module's `.weight`, e.g. MoE experts)."""
+    (PEFT's target_parameters: paths of weights that are not a module's `.weight`, e.g. MoE experts),
+    with PEFT's layer selection (`peft_rules.Selection`; parameter targets are not filtered, as in PEFT)."""
+    chosen = selection(exclude_modules, layers_to_transform, layers_pattern, isinstance(targets, str))
+    spec = _parse_targets(targets, parameters)
+    spec.selection = chosen
+    return spec
+
+
+def _parse_targets(targets, parameters=None) -> TargetSpec:
     if parameters is not None:
         names = [parameters] if isinstance(parameters, str) else parameters
         if not isinstance(names, (list, tuple)) or not all(isinstance(t, str) and t for t in names):
             raise ConfigError(f"target_parameters must be a list of parameter names, e.g. ['experts.gate_up_proj'], "
                               f"got {parameters!r}")
-        spec = parse_targets(targets) if targets not in (None, [], ()) else TargetSpec()
+        spec = _parse_targets(targets) if targets not in (None, [], ()) else TargetSpec()
         spec.parameters = list(names)
         return spec
     if targets is None or (isinstance(targets, (list, tuple)) and not targets):
@@ -166,7 +188,8 @@ def resolve_targets(spec: TargetSpec, model: nn.Module | None, rank: int, alpha:
         return Resolved(spec)
     note = (f"as PEFT does on {family}-family models, targets {sorted(moved.renamed)} name the fused experts "
             f"{sorted(set(moved.renamed.values()))} (by parameter) instead of modules")
-    return Resolved(TargetSpec(names=moved.names, parameters=moved.parameters, own_calls=spec.own_calls), moved.rank_pattern,
+    return Resolved(TargetSpec(names=moved.names, parameters=moved.parameters, own_calls=spec.own_calls,
+                               selection=spec.selection), moved.rank_pattern,
                     moved.alpha_pattern, note)
 
 
@@ -455,6 +478,8 @@ def _key(spec: TargetSpec, name: str, exclude: str | None, attention: set[str], 
     modules in `linear` (PEFT's definition; None: a graph without its model, any linear product)."""
     owner, leaf = _owner(name)
     if spec.all_linear:
+        if not spec.linear(owner):
+            return None
         if linear is None:
             return "all-linear" if owner != exclude else None
         return "all-linear" if owner in linear and leaf == "weight" else None
@@ -697,6 +722,8 @@ def match_weights(
             break  # one site per parameter, under the first of its names that matched
 
     near += [NearMiss(key, None, "matches no module path") for key in spec.keys() if key not in named]
+    check_layers(spec, [n for names in names_by_param.values() for n in names])
+    near += unused_exclusions(spec, [n for names in names_by_param.values() for n in names])
     if not matches:
         raise TargetError(no_match_message(gm, spec, near))
     if not any(m.uses for m in matches):
@@ -711,12 +738,41 @@ def match_weights(
     return matches, near
 
 
+def check_layers(spec: TargetSpec, names: list[str]) -> None:
+    """layers_to_transform indices no layer of the model has (`names`: its parameter paths): a
+    TargetError naming the model's layers."""
+    chosen = spec.selection
+    if chosen.layers is None:
+        return
+    found = {i for n in names if (i := chosen.layer_index(_owner(n)[0])) is not None}  # module paths, as PEFT
+    missing = sorted(set(chosen.layers) - found)
+    if missing:
+        where = f"'{chosen.patterns[0]}.<index>.'" if chosen.patterns else "the first numbered path component"
+        have = f"layers {min(found)}..{max(found)}" if found else "no numbered layers"
+        raise TargetError(f"layers_to_transform {missing}: this model has {have} (the index read from {where}, "
+                          f"as PEFT reads it{', layers_pattern ' + str(list(chosen.patterns)) if chosen.patterns else ''}); "
+                          "pass indices in that range" + ("" if found else ", or set layers_pattern to the name before "
+                                                                             "the layer index (e.g. 'layers', 'h')"))
+
+
+def unused_exclusions(spec: TargetSpec, names: list[str]) -> list[NearMiss]:
+    """exclude_modules entries that exclude no module path (PEFT warns)."""
+    exclude = spec.selection.exclude
+    if not exclude:
+        return []
+    owners = {_owner(n)[0] for n in names}
+    entries = [exclude] if isinstance(exclude, str) else list(exclude)
+    return [NearMiss(f"exclude_modules {e!r}", None, "excludes no module path") for e in entries
+            if not any(Selection(e if isinstance(exclude, str) else (e,)).excludes(o) for o in owners)]
+
+
 def named_weights(model: nn.Module, spec: TargetSpec, exclude: str | None) -> dict[str, str]:
     """The weights of `model` that `spec` names, by path alone (no graph: what regional capture
     starts from): parameter path -> the spec entry naming it. Every name of a tied weight is its own
     entry (each module adapts its own use, as PEFT wraps each module)."""
     attention = attention_paths(model)
     linear = all_linear_paths(model, exclude) if spec.all_linear else None
+    check_layers(spec, [n for n, _ in model.named_parameters(remove_duplicate=False)])
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         key = spec.parameter(name) or _key(spec, name, exclude, attention, linear)

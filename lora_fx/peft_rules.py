@@ -111,3 +111,75 @@ def moe_targets(family: str, names: list[str], parameters: list[str], rank: int,
 def leaf_names(paths) -> list[str]:
     """The last component of each dotted path, sorted, without repeats."""
     return sorted({p.rsplit(".", 1)[-1] for p in paths})
+
+
+# ------------------------------------------------------------------------------- layer selection
+@dataclass(frozen=True)
+class Selection:
+    """PEFT's `exclude_modules`, `layers_to_transform` and `layers_pattern` (check_target_module_exists),
+    applied to module paths a target names: an excluded path is never adapted (even when named
+    exactly); a path a list target names by "."-suffix is kept only in the chosen layers (a path
+    named exactly, or by a regex target, is not filtered)."""
+
+    exclude: tuple[str, ...] | str | None = None  # names (== or "."-suffix) or one regex (full match)
+    layers: tuple[int, ...] | None = None
+    patterns: tuple[str, ...] | None = None  # where the layer index is: "<pattern>.<index>." in the path
+
+    def excludes(self, path: str) -> bool:
+        if not self.exclude:
+            return False
+        if isinstance(self.exclude, str):
+            return re.fullmatch(self.exclude, path) is not None
+        return any(path == e or path.endswith("." + e) for e in self.exclude)
+
+    def layer_index(self, path: str) -> int | None:
+        """The layer index PEFT reads from `path`: the first numbered component after a named one, or
+        the number after one of `patterns` (the first index, not an expert's: "layers.1.experts.0")."""
+        if not self.patterns:
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        else:
+            found = next((m for p in self.patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+        return int(found["idx"]) if found else None
+
+    def keeps_layer(self, path: str) -> bool:
+        return self.layers is None or self.layer_index(path) in self.layers
+
+    def as_peft(self) -> dict:
+        """The three fields as PEFT's LoraConfig spells them."""
+        exclude = sorted(self.exclude) if isinstance(self.exclude, tuple) else self.exclude
+        return {"exclude_modules": exclude or None, "layers_to_transform": list(self.layers) if self.layers is not None else None,
+                "layers_pattern": list(self.patterns) if self.patterns else None}
+
+
+def selection(exclude_modules=None, layers_to_transform=None, layers_pattern=None, string_targets: bool = False
+              ) -> Selection:
+    """A checked Selection from PEFT's three fields (PEFT's LoraConfig rules, as ConfigError)."""
+    if exclude_modules is not None and not isinstance(exclude_modules, str):
+        if not isinstance(exclude_modules, (list, tuple, set, frozenset)) or not all(
+                isinstance(e, str) and e for e in exclude_modules):
+            raise ConfigError(f"exclude_modules must be a list of module names or a regex string, got {exclude_modules!r}")
+        exclude_modules = tuple(sorted(exclude_modules))
+    elif isinstance(exclude_modules, str):
+        try:
+            re.compile(exclude_modules)
+        except re.error as e:
+            raise ConfigError(f"exclude_modules {exclude_modules!r} is not a valid regular expression: {e}") from None
+    layers = layers_to_transform
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    elif layers is not None:
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ConfigError(f"layers_to_transform must be a layer index or a list of them, got {layers_to_transform!r}")
+        layers = tuple(layers) or None  # PEFT: an empty list selects every layer
+    if layers is not None and any(i < 0 for i in layers):
+        raise ConfigError(f"layers_to_transform must be layer indices (>= 0), got {layers_to_transform!r}")
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if patterns is not None and (not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns)):
+        raise ConfigError(f"layers_pattern must be a name or a list of names (e.g. 'layers', 'h'), got {layers_pattern!r}")
+    patterns = tuple(p for p in patterns or () if p) or None
+    if patterns and layers_to_transform is None:
+        raise ConfigError("layers_pattern is given without layers_to_transform (PEFT's rule): pass the layer indices too")
+    if string_targets and (layers_to_transform is not None or layers_pattern is not None):
+        raise ConfigError("layers_to_transform / layers_pattern cannot be used with a string target (a regex or "
+                          "'all-linear'), as in PEFT: pass the module names as a list, e.g. ['q_proj', 'v_proj']")
+    return Selection(exclude_modules or None, layers, patterns)

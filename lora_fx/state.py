@@ -131,6 +131,8 @@ class LoraConfig:
     use_dora: bool = False  # DoRA: W' = m * (W0 + scaling * B @ A) / ||W0 + scaling * B @ A|| (per output)
     lora_bias: bool = False  # PEFT's lora_bias: lora_B has a bias too, folded into the layer's bias
     loftq_iterations: int = 0  # init="loftq": PEFT's loftq_iter (the base in the graph is LoftQ's, not the model's)
+    # PEFT's exclude_modules / layers_to_transform / layers_pattern, as PEFT's config spells them (None: unused)
+    selection: dict = field(default_factory=dict)
 
 
 @dataclass

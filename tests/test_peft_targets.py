@@ -194,3 +194,100 @@ def test_peft_s_multihead_attention_files_load_to_peft_s_numbers(targets, tmp_pa
     with pytest.raises(lora_fx.ConfigError, match="PEFT could not load this adapter: .*out_proj"):
         lora_fx.save_adapter(ours, tmp_path / "ours")
     assert not (tmp_path / "ours").exists()
+
+
+# ------------------------------------------------------------------- PEFT's layer selection
+def _llama3():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 3})).eval()
+
+
+def _bert():
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)).eval()
+
+
+SELECTIONS = [  # (model, PEFT's LoraConfig fields), each: the same modules as PEFT, a file PEFT reads back
+    ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2])),
+    ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1, layers_pattern="layers")),
+    ("llama", dict(target_modules=["q_proj", "model.layers.2.self_attn.v_proj"], layers_to_transform=[0])),  # exact: kept
+    ("llama", dict(target_modules=["q_proj", "v_proj", "o_proj"], exclude_modules=["o_proj"])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=r".*\.mlp\..*")),
+    ("llama", dict(target_modules=["q_proj", "model.layers.1.self_attn.q_proj"], exclude_modules=["model.layers.1.self_attn.q_proj"])),
+    ("bert", dict(target_modules=["query", "value", "dense"], layers_to_transform=[1], layers_pattern=["layer"])),
+    ("bert", dict(target_modules=["query", "value"], exclude_modules=r"bert\.encoder\.layer\.0\..*")),
+]
+MODELS = {"llama": (_llama3, IDS), "bert": (_bert, IDS)}
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """One capture per model, injected into again and again (a capture without LoRA is copied)."""
+    out = {}
+    for name, (build, inputs) in MODELS.items():
+        model = build()
+        out[name] = (model, lora_fx.capture(model, inputs), inputs)
+    return out
+
+
+@pytest.mark.parametrize("name, fields", SELECTIONS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(SELECTIONS)])
+def test_layer_selection_adapts_what_peft_adapts(captured, name, fields, tmp_path):
+    model, capture, inputs = captured[name]
+    kw = {k: v for k, v in fields.items() if k != "target_modules"}
+    gm = lora_fx.inject_lora(capture, fields["target_modules"], rank=4, **kw)
+    assert _ours(gm) == _peft_targets(model, **fields)
+    # PEFT's own file with these fields loads to PEFT's numbers, and lora-fx's file to lora-fx's in PEFT
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, init_lora_weights=False, **fields)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {k: saved[k] for k in kw} != {k: None for k in kw}  # the file carries the selection
+    loaded = lora_fx.load_adapter(capture, tmp_path / "peft")
+    assert _ours(loaded) == _ours(gm)
+    with torch.no_grad():
+        assert_close(loaded(**inputs), theirs(**inputs), ulps=1000)
+    _round_trip_through_peft(gm, model, inputs, tmp_path)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    for key, value in kw.items():  # recorded as given (PEFT matches the adapted paths exactly anyway)
+        expected = [value] if key in ("layers_to_transform", "layers_pattern") and not isinstance(value, list) else value
+        assert config[key] == (sorted(expected) if key == "exclude_modules" and isinstance(expected, list) else expected)
+
+
+def test_layer_selection_under_regional_capture_and_add_adapter(captured):
+    model, capture, inputs = captured["llama"]
+    tree = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, layers_to_transform=[1], capture="regions",
+                               example_inputs=inputs)
+    assert _ours(tree) == _peft_targets(model, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    gm = lora_fx.inject_lora(capture, ["q_proj", "v_proj"], rank=4, exclude_modules=["v_proj"])
+    lora_fx.add_adapter(gm, "other", rank=2)  # the first adapter's targets and selection
+    assert set(gm.lora_state.adapters["other"].ranks) == set(gm.lora_state.adapters["default"].ranks)
+    lora_fx.add_adapter(gm, "third", ["q_proj", "v_proj"], rank=2, layers_to_transform=[2])
+    assert {s.rpartition(".")[0] for s in gm.lora_state.adapters["third"].ranks} == \
+        {"model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"}
+
+
+def test_layer_selection_refusals(captured, tmp_path):
+    model, capture, _ = captured["llama"]
+    snap = snapshot(model)
+    with pytest.raises(lora_fx.TargetError, match=r"layers_to_transform \[5\]: this model has layers 0\.\.2"):
+        lora_fx.inject_lora(capture, ["q_proj"], layers_to_transform=[0, 5])
+    with pytest.raises(lora_fx.TargetError, match="has no numbered layers.*'blocks.<index>.'.*set layers_pattern"):
+        lora_fx.inject_lora(capture, ["q_proj"], layers_to_transform=[0], layers_pattern="blocks")
+    with pytest.raises(lora_fx.ConfigError, match="cannot be used with a string target"):
+        lora_fx.inject_lora(capture, "all-linear", layers_to_transform=[0])
+    with pytest.raises(lora_fx.ConfigError, match="layers_pattern is given without layers_to_transform"):
+        lora_fx.inject_lora(capture, ["q_proj"], layers_pattern="layers")
+    with pytest.raises(lora_fx.ConfigError, match="layers_to_transform must be layer indices"):
+        lora_fx.inject_lora(capture, ["q_proj"], layers_to_transform=[-1])
+    with pytest.raises(lora_fx.ConfigError, match="exclude_modules .* not a valid regular expression"):
+        lora_fx.inject_lora(capture, ["q_proj"], exclude_modules="(")
+    with pytest.raises(lora_fx.TargetError, match="adapt no weight"):
+        lora_fx.inject_lora(capture, ["q_proj"], exclude_modules=["q_proj"])
+    gm = lora_fx.inject_lora(capture, ["q_proj"], exclude_modules=["k_proj", "nothing_here"])
+    assert any("'nothing_here'" in n.target and "excludes no module" in n.reason for n in gm.lora_report.near_misses)
+    lora_fx.save_adapter(gm, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": "first"}))
+    with pytest.raises(lora_fx.AdapterFileError, match="layers_to_transform must be a layer index"):
+        lora_fx.load_adapter(capture, tmp_path / "a")
+    assert_unchanged(model, snap)
