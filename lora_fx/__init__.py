@@ -16,6 +16,7 @@ from .adapters import (
     set_adapter,
     size_report,
 )
+from .combine import combine_adapters
 from .capture import auto_dims, capture, capture_decoder, decoder_dims
 from .diff import GraphDiff, graph_diff
 from .errors import (
@@ -49,6 +50,7 @@ __all__ = [
     "capture",
     "capture_decoder",
     "inject_lora",
+    "combine_adapters",
     "LoftQConfig",
     "LoftQRow",
     "merge_lora",

@@ -21,7 +21,7 @@ FLOORS = {
         "attach": 5,
         "regions": 6, "mixed": 6, "saved": 6, "hierarchy": 6,
         "inject": 7, "adapters": 7, "fold": 7,
-        "adapter_io": 8,
+        "adapter_io": 8, "combine": 8,
         "analysis": 9,
         "__init__": 10,
     },
@@ -33,7 +33,7 @@ FLOORS = {
         "__init__": 4,
     },
 }
-OPTIONAL = {"safetensors", "transformers", "matplotlib", "torchao"}  # may be imported where used: not every install has them
+OPTIONAL = {"safetensors", "transformers", "matplotlib", "torchao", "peft"}  # may be imported where used: not every install has them
 
 
 def _imports(package: str, path: Path):
