@@ -31,9 +31,10 @@ from .graph_module import LoraGraphModule, regions_of, require_lora, unfolded_lo
 from .match import match_weights, output_layer, parse_targets, resolve_targets
 from .peft_rules import selection
 from .inject import CAPTURES
+from .inits import apply_residual_init, is_residual
 from .loftq import BITS, LoftQConfig, apply_loftq, check_loftq
 from .regions import each_region, global_site, inject_regions, join, region_specs
-from .state import Adapter, LoraConfig, Site
+from .state import Adapter, LoraConfig, Site, Weights
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt", "pytorch_model.bin")
@@ -89,15 +90,21 @@ class AdapterFile:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
+def adapter_file(gm: LoraGraphModule, name: str | None = None, as_lora: bool = False) -> AdapterFile:
     """Adapter `name` (default: the active one) of `gm`, as PEFT would store it (of a regionally
-    captured model: every region's LoRA under its path)."""
+    captured model: every region's LoRA under its path). `as_lora`: a PiSSA / OLoRA adapter as PEFT's
+    conversion makes it (path_initial_model_for_weight_conversion), a plain rank-2r LoRA on the
+    untouched W0: [A; A0] and [B, -B0], alpha doubled (sqrt(2)x with rsLoRA), the same scaling."""
     if regions_of(gm) is not None:
+        if as_lora:
+            raise ConfigError("as_lora: a regionally captured model has no PiSSA / OLoRA adapter to convert")
         return _regional_file(gm, name)
     state = require_lora(gm, "adapter_file")
     adapter = state.adapter(name)
     lora, scalings = {}, {}
     weights = slot.read(gm, state, adapter.name)
+    if as_lora:
+        adapter, weights = _as_plain_lora(adapter, weights)
     magnitudes = slot.read_magnitudes(gm, state, adapter.name) or {}
     biases = slot.read_biases(gm, state, adapter.name) or {}
     holders = slot.file_holders([state.sites[p] for p in weights])
@@ -115,7 +122,21 @@ def adapter_file(gm: LoraGraphModule, name: str | None = None) -> AdapterFile:
         if param in biases:
             lora[slot.LoraName(holders[param], slot.LORA_BIAS, None, None)] = biases[param]
         scalings[holders[param]] = adapter.scaling(param)
-    return AdapterFile(peft_config(gm, adapter.name), lora, dict(trainable_weights(gm)), scalings)
+    config = config_for([state.sites[p] for p in adapter.ranks], adapter, state.trainable_modules,
+                        gm.capture_info.source if gm.capture_info else None)
+    return AdapterFile(config, lora, dict(trainable_weights(gm)), scalings)
+
+
+def _as_plain_lora(adapter: Adapter, weights: Weights) -> tuple[Adapter, Weights]:
+    """PEFT's conversion of a PiSSA / OLoRA adapter to a LoRA on W0: ΔW = s·B·A - s·B0·A0 at rank 2r."""
+    if adapter.initial is None:
+        raise ConfigError(f"as_lora converts a PiSSA / OLoRA adapter to a plain LoRA; adapter {adapter.name!r} "
+                          f"(init {adapter.config.init!r}) is a plain LoRA already: save it without as_lora")
+    pairs = {p: [(torch.cat([a, a0.to(a)], 0), torch.cat([b, -b0.to(b)], 1))
+                 for (a, b), (a0, b0) in zip(weights[p], adapter.initial[p])] for p in weights}
+    factor = 2 ** 0.5 if adapter.config.use_rslora else 2
+    return replace(adapter, config=replace(adapter.config, init="kaiming"), ranks={p: 2 * r for p, r in adapter.ranks.items()},
+                   alphas={p: factor * a for p, a in adapter.alphas.items()}, initial=None), pairs
 
 
 def _regional_file(gm: nn.Module, name: str | None) -> AdapterFile:
@@ -146,14 +167,18 @@ def file_sites(gm: nn.Module, name: str | None) -> list[Site]:
     return [state.sites[p] for p in state.adapter(name).ranks]
 
 
-def save_adapter(gm: LoraGraphModule, directory, name: str | None = None, *, lora_fx_only: bool = False) -> Path:
+def save_adapter(gm: LoraGraphModule, directory, name: str | None = None, *, lora_fx_only: bool = False,
+                 as_lora: bool = False) -> Path:
     """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder. In a process
     group (FSDP2), every rank calls it: LoRA's shards are gathered, and rank 0 writes.
+    A PiSSA / OLoRA adapter is saved as PEFT saves it (init_lora_weights names the init, and PEFT
+    rebuilds the residual on load); `as_lora=True` writes PEFT's conversion instead, a plain rank-2r
+    LoRA any PEFT user loads on the untouched base (see `adapter_file`).
     An adapter PEFT could not load is refused with the reason, unless `lora_fx_only`: then it is
     written in PEFT's layout for lora-fx to read (its config says `"lora_fx_only": true`)."""
     from safetensors.torch import save_file  # optional dependency (the `hf` extra)
 
-    file = adapter_file(gm, name)
+    file = adapter_file(gm, name, as_lora)
     why = peft_refusal(file_sites(gm, name), file.config)
     if why is not None and not lora_fx_only:
         raise ConfigError(f"PEFT could not load this adapter: {why}. Leave that weight out of the adapter's targets, or "
@@ -231,7 +256,8 @@ def config_for(sites: list[Site], adapter: Adapter, trainable: list[str], source
         "modules_to_save": list(trainable) or None,
         "fan_in_fan_out": any(s.kind == "linear" and not s.file_param and s.layout == "in_out" for s in sites),
         # PEFT loads a lora_bias adapter only with init_lora_weights True or False (the init is spent anyway)
-        "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" and not adapter.config.lora_bias else True,
+        "init_lora_weights": "gaussian" if adapter.config.init == "gaussian" and not adapter.config.lora_bias else
+                             adapter.config.init if is_residual(adapter.config.init) else True,
         "bias": "none", "use_rslora": adapter.config.use_rslora, "use_dora": adapter.config.use_dora,
         "lora_bias": adapter.config.lora_bias,
         "base_model_name_or_path": getattr(getattr(source, "config", None), "_name_or_path", None) or None,
@@ -505,13 +531,14 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
     if capture not in CAPTURES:
         raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}")
     loftq = _file_loftq(file, directory, loftq, gm_or_model)
+    _check_residual_target(file, directory, gm_or_model)
     regions = regions_of(gm_or_model)
     if regions is not None or (capture == "regions" and not isinstance(gm_or_model, LoraGraphModule)):
         if regions is not None and file.modules:
             raise AdapterFileError(f"{directory} also holds full module weights (modules_to_save); load it into the model instead")
         try:
             resolved = _resolved_file_targets(file, regions.source if regions else gm_or_model)
-            _no_loftq_by_regions(loftq, directory)
+            _no_new_base_by_regions(loftq, file, directory)
             if regions is not None:
                 return _load_into_regions(gm_or_model, file, directory, name, resolved)
             return _load_by_regions(gm_or_model, file, directory, name, example_inputs,
@@ -533,7 +560,7 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
                 raise
             try:
                 resolved = _resolved_file_targets(file, gm_or_model)
-                _no_loftq_by_regions(loftq, directory)
+                _no_new_base_by_regions(loftq, file, directory)
                 return _load_by_regions(gm_or_model, file, directory, name, example_inputs,
                                         str(e).strip().splitlines()[0], resolved)
             except (TargetError, ConfigError) as err:
@@ -551,6 +578,8 @@ def load_adapter(gm_or_model: nn.Module, directory, name: str = "default", *, ex
         attach_adapter(gm_or_model, sites, adapter)
         return gm_or_model
     rows = apply_loftq(base, adapter, sites, loftq, factors=False) if loftq is not None else []
+    if is_residual(adapter.config.init):  # trained beside W0's residual: rebuild it as PEFT does on load
+        apply_residual_init(base, adapter, sites, adapter.config.init, factors=False)
     gm = inject_matched(base, matches, near, adapter, file.config["modules_to_save"], exclude)
     gm.lora_state.report.loftq.extend(rows)
     _load_trainable(gm, file.modules, directory)
@@ -584,10 +613,27 @@ def _file_loftq(file: AdapterFile, directory, loftq: LoftQConfig | None, target:
     return check_loftq("loftq", replace(loftq, iterations=iterations))
 
 
-def _no_loftq_by_regions(loftq: LoftQConfig | None, directory) -> None:
-    if loftq is not None:
-        raise ConfigError(f"the adapter in {directory} sits on a LoftQ base, which lives in a whole-model capture; "
-                          "this model is captured by regions")
+def _check_residual_target(file: AdapterFile, directory, target: nn.Module) -> None:
+    """A PiSSA / OLoRA adapter sits on W0's residual: loading it into a model rebuilds the residual; a
+    graph or regions cannot (their base is shared, or not captured whole), unless the graph's base
+    already is that residual."""
+    init = file.config.get("init_lora_weights")
+    if not is_residual(init):
+        return
+    state = unfolded_lora(target)
+    holds = state is not None and any(a.config.init == init for a in state.adapters.values())
+    if (state is not None or regions_of(target) is not None) and not holds:
+        raise AdapterFileError(f"the adapter in {directory} was trained from init_lora_weights={init!r}: it sits on the "
+                               "residual of the base weights, which this graph does not hold; load it into the model "
+                               "(the residual is rebuilt, as PEFT does), or save it with as_lora=True for a plain LoRA")
+
+
+def _no_new_base_by_regions(loftq: LoftQConfig | None, file: AdapterFile, directory) -> None:
+    """LoftQ's base and PiSSA / OLoRA's residual live in a whole-model capture."""
+    init = file.config.get("init_lora_weights")
+    if loftq is not None or is_residual(init):
+        raise ConfigError(f"the adapter in {directory} sits on {'a LoftQ base' if loftq is not None else 'the ' + init + ' residual'}, "
+                          "which lives in a whole-model capture; this model is captured by regions")
 
 
 def _resolved_file_targets(file: AdapterFile, model: nn.Module | None):
@@ -621,7 +667,7 @@ def _file_config(file: AdapterFile) -> LoraConfig:
     config = file.config
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"  # what a save writes back
     loftq = config.get("loftq_config") or {}
-    init = "loftq" if loftq else init
+    init = "loftq" if loftq else config["init_lora_weights"] if is_residual(config["init_lora_weights"]) else init
     parameters = config["target_parameters"]
     return LoraConfig(file.targets(), config["r"], config["lora_alpha"], config["lora_dropout"], init,
                       tuple(config["modules_to_save"]), config["rank_pattern"], config["alpha_pattern"],

@@ -15,6 +15,7 @@ from . import slot
 from .attach import attach_adapter, base_copy, check_active, check_adapter_name, check_hparams, new_adapter, pattern_value, relayout
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule, regions_of, require_lora
+from .inits import is_residual
 from .match import match_weights, output_layer, parse_targets, resolve_targets
 from .regions import each_region, join, region_specs
 from .state import LoraConfig, Weights
@@ -34,8 +35,8 @@ def add_adapter(gm: LoraGraphModule, name: str, targets=None, *, rank: int = 8, 
     if name in state.adapters:
         raise ConfigError(f"adapter {name!r} exists; delete_adapter it first or choose another name")
     check_hparams(rank, alpha, dropout, init)
-    if init == "loftq":  # LoftQ replaces the base, which the graph's adapters share
-        raise ConfigError("init='loftq' replaces the quantized base weights, which every adapter of a graph shares; "
+    if init == "loftq" or is_residual(init):  # these replace the base, which the graph's adapters share
+        raise ConfigError(f"init={init!r} replaces the base weights, which every adapter of a graph shares; "
                           "use it in inject_lora (the first adapter), not add_adapter")
     first = next(iter(state.adapters.values()))
     chosen = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)

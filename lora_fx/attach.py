@@ -18,6 +18,7 @@ from torch import nn
 from .capture import capture, recapture
 from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule, copy_of, derived
+from .inits import is_residual, orthogonal_weights
 from .match import Match, rematch
 from .paths import copy_graph, set_parameter
 from .report import InjectReport, NearMiss, SiteRow
@@ -26,7 +27,7 @@ from .rewrite import insert_lora, strip_lora, weight_form_sites
 from . import slot
 from .state import Adapter, LoraConfig, LoraState, Site, Weights
 
-INITS = ("gaussian", "kaiming", "loftq")
+INITS = ("gaussian", "kaiming", "loftq", "orthogonal")  # and PiSSA / OLoRA (`inits.is_residual`)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -42,9 +43,9 @@ def check_hparams(rank, alpha, dropout, init) -> None:
         raise ConfigError(f"alpha must be a positive number (scaling = alpha / rank), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    if init not in INITS:
-        raise ConfigError(f"init must be one of {INITS} (paper: 'gaussian'; PEFT default: 'kaiming'; LoftQ for a "
-                          f"quantized base: 'loftq'), got {init!r}")
+    if init not in INITS and not is_residual(init):
+        raise ConfigError(f"init must be 'gaussian' (the paper's), 'kaiming' (PEFT's default), 'loftq' (a quantized "
+                          f"base), or PEFT's 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal'; got {init!r}")
 
 
 def pattern_value(pattern: dict, path: str, default):
@@ -113,7 +114,10 @@ def check_active(state: LoraState, names: list[str]) -> None:
 # ---------------------------------------------------------------------------------- adapters
 def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fresh adapter's (A, B) for every block of a site: A random, B zero (an embedding, as PEFT:
-    A zero, B ~ N(0, 1)). Either way B @ A = 0: training starts at the pretrained model."""
+    A zero, B ~ N(0, 1)). Either way B @ A = 0: training starts at the pretrained model. PEFT's
+    "orthogonal": A and B both random, with B @ A = 0."""
+    if init == "orthogonal":
+        return orthogonal_weights(site, rank, like)
     out = []
     for block in site.blocks:
         a = torch.empty(site.a_shape(rank), device=like.device, dtype=like.dtype)

@@ -6,6 +6,7 @@ from torch import nn
 from .attach import check_adapter_name, check_hparams, graph_to_adapt, inject_matched, new_adapter
 from .errors import CaptureError, ConfigError, TargetError
 from .graph_module import LoraGraphModule
+from .inits import apply_residual_init, is_residual
 from .loftq import LoftQConfig, apply_loftq, check_loftq
 from .match import match_weights, output_layer, parse_targets, resolve_targets
 from .quantized import untraceable_weight
@@ -67,7 +68,9 @@ def inject_lora(
     quantized base (PEFT's init_lora_weights="loftq"): with loftq=LoftQConfig(original=<the float
     model, its state dict or a safetensors path>, iterations=1), A and B start from the base's
     quantization error and the graph holds LoftQ's re-quantized base (`lora_fx.loftq`); the model
-    keeps its own. `gm.lora_report.loftq` has the error per weight before and after.
+    keeps its own. `gm.lora_report.loftq` has the error per weight before and after. PEFT's
+    "pissa" / "pissa_niter_<n>" / "olora" start from W0's principal part and train beside the
+    residual, which lives in the graph (`lora_fx.inits`; the model keeps W0); "orthogonal" is PEFT's.
     """
     if capture not in CAPTURES:
         raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}")
@@ -97,15 +100,17 @@ def inject_lora(
                         bool(use_rslora), bool(use_dora), bool(lora_bias), loftq.iterations if loftq else 0,
                         spec.selection.as_peft())
     if gm is None:
-        if loftq is not None:
-            raise ConfigError(f"init='loftq' puts LoftQ's base into the captured graph, and this model is captured by "
-                              f"regions ({reason}); LoftQ needs the whole-model capture")
+        if loftq is not None or is_residual(init):
+            raise ConfigError(f"init={init!r} puts a new base weight into the captured graph, and this model is captured "
+                              f"by regions ({reason}); it needs the whole-model capture")
         if isinstance(model, LoraGraphModule):
             raise ConfigError("capture='regions' captures a model's modules one by one: pass the model, not a graph")
         return inject_regions(model, resolved.spec, config, adapter, trainable, example_inputs, reason, exclude, weights)
     matches, near = match_weights(gm, resolved.spec, exclude=exclude)
     new = new_adapter(gm, adapter, config, [m.site for m in matches], weights=weights)
     rows = apply_loftq(gm, new, [m.site for m in matches], loftq) if loftq is not None else []
+    if is_residual(init):
+        apply_residual_init(gm, new, [m.site for m in matches], init)
     gm = inject_matched(gm, matches, near, new, trainable, exclude)
     gm.lora_state.report.loftq.extend(rows)
     if resolved.note:

@@ -147,6 +147,9 @@ class Adapter:
     magnitudes: dict[str, torch.Tensor] | None = None
     # lora_B's bias per site ([out]), None while active (in the slots) or without lora_bias
     biases: dict[str, torch.Tensor] | None = None
+    # PiSSA / OLoRA: the factors at init (the base in the graph is W0 - scaling * B0 @ A0), for saving
+    # as a plain LoRA on W0; None for the other inits
+    initial: Weights | None = None
 
     def scaling(self, param: str) -> float:
         """alpha / rank of this adapter on one site (the paper's scaling; alpha / sqrt(rank) with rsLoRA)."""
@@ -200,6 +203,8 @@ class LoraState:
                 adapter.magnitudes = {p: fn(m) for p, m in adapter.magnitudes.items()}
             if adapter.biases is not None:
                 adapter.biases = {p: fn(b) for p, b in adapter.biases.items()}
+            if adapter.initial is not None:
+                adapter.initial = {p: [(fn(a), fn(b)) for a, b in pairs] for p, pairs in adapter.initial.items()}
 
     def dora_sites(self) -> set[str]:
         """Sites (weight names) some DoRA adapter adapts: their graph carries DoRA's magnitude."""

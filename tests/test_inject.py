@@ -72,7 +72,7 @@ def test_weights_not_consumed_by_linear_ops_are_refused(llama, base, targets, me
     (dict(alpha=0), "alpha must be a positive number"),
     (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
     (dict(dropout=-0.1), r"dropout must be a probability in \[0, 1\)"),
-    (dict(init="xavier"), "init must be one of"),
+    (dict(init="xavier"), "init must be .gaussian.*got .xavier."),
 ])
 def test_bad_hyperparameters(llama, base, kw, message):
     snap = snapshot(llama)

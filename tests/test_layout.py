@@ -15,7 +15,7 @@ FLOORS = {
     "lora_fx": {
         "errors": 0, "paths": 0, "report": 0, "diff": 0, "quantized": 0,
         "state": 1, "modes": 1, "generation": 1, "flat": 1, "ranks": 1, "peft_rules": 1, "recompute": 1,
-        "graph_module": 2, "loftq": 2,
+        "graph_module": 2, "loftq": 2, "inits": 2,
         "capture": 3, "match": 3, "slot": 3,
         "rewrite": 4,
         "attach": 5,
