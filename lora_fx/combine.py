@@ -16,6 +16,7 @@ set_adapter), and saves, loads and folds like any adapter: folding it gives the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -51,7 +52,7 @@ def combine_adapters(gm: LoraGraphModule, adapters: dict[str, float], name: str,
                           f"rank (PEFT's rule); {dict(zip(mix, ranks))} differ. Use method='cat' or 'svd'")
     new_rank = sum(ranks) if method == "cat" else (rank or max(ranks)) if method in ON_UPDATES else ranks[0]
     merge = _merge_utils()
-    generator = torch.random.fork_rng(devices=[]) if seed is not None else _nothing()
+    generator = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     plans = []
     with generator:
         if seed is not None:
@@ -100,14 +101,6 @@ def _merge_utils():
         raise ImportError("combine_adapters uses PEFT's merge functions (TIES, DARE, magnitude pruning): "
                           "pip install peft") from None
     return merge_utils
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _combined(gm: LoraGraphModule, state: LoraState, mix: dict[str, float], name: str, method: str, rank: int,
