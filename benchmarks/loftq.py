@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import statistics
 import sys
 import time
@@ -24,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import lora_fx  # noqa: E402
 from common import RESULTS, markdown  # noqa: E402
-from quantized import quantize, step_fn  # noqa: E402
-from sentiment_data import movie_reviews, split  # noqa: E402
-from smollm2_lora import add_run_args, encode, load, perplexity  # noqa: E402
+from quantized import logits_of, quantize, smollm2_job, step_fn, training_rounds  # noqa: E402
+from smollm2_lora import add_run_args, perplexity  # noqa: E402
 
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
@@ -47,15 +45,7 @@ def name(case) -> str:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    tok, float_model = load()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    float_model.eval()
-    train_rows, test_rows = split(movie_reviews(), args.steps * args.batch, args.held_out)
-    train_texts, test_texts = [t for t, _ in train_rows], [t for t, _ in test_rows]
-    example, _ = encode(tok, train_texts[:2], args.max_length)
-    logits_of = lambda m: (lambda inputs: m(**inputs).logits)  # noqa: E731
+    tok, float_model, train_texts, test_texts, example = smollm2_job(args)
     nf4 = quantize(copy.deepcopy(float_model), "nf4").eval()
 
     graphs, rows, layers = {}, {}, []
@@ -83,21 +73,10 @@ def run(args) -> dict:
         print(row, flush=True)
 
     steps = {k: step_fn(gm.train(), tok, train_texts, args) for k, gm in graphs.items()}
-    times = {k: [] for k in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for r in range(args.steps + 1):  # round 0 is warm-up, not timed
-        rng.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            steps[k]()
-            if r:
-                times[k].append(time.perf_counter() - t)
-        if r % 10 == 0:
-            print(f"round {r}/{args.steps}", flush=True)
+    times = training_rounds(steps, args.steps)
     for k, gm in graphs.items():
         gm.eval()
-        rows[k]["step_ms"] = 1000 * statistics.median(times[k])
+        rows[k]["step_ms"] = 1000 * times[k]
         rows[k]["after"] = perplexity(logits_of(gm), tok, test_texts, args.max_length, desc=f"{k} after")
     for row in rows.values():
         ref = rows[f"{row['targets']} float32"]

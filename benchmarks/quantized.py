@@ -97,9 +97,9 @@ def step_fn(model, tok, texts, args):
     return step
 
 
-def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def smollm2_job(args):
+    """The short fine-tune's pieces: (tokenizer, float model in eval mode, train texts, held-out texts,
+    example inputs for the capture)."""
     tok, float_model = load()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -108,7 +108,35 @@ def run(args) -> dict:
     train_rows, test_rows = split(movie_reviews(), args.steps * args.batch, args.held_out)
     train_texts, test_texts = [t for t, _ in train_rows], [t for t, _ in test_rows]
     example, _ = encode(tok, train_texts[:2], args.max_length)
-    logits_of = lambda m: (lambda inputs: m(**inputs).logits)  # noqa: E731
+    return tok, float_model, train_texts, test_texts, example
+
+
+def logits_of(model):
+    return lambda inputs: model(**inputs).logits
+
+
+def training_rounds(steps: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each case's training step: every case steps once per round, in a new order
+    each round (machine noise hits all alike); round 0 is warm-up, not timed."""
+    times = {name: [] for name in steps}
+    order = list(steps)
+    rng = random.Random(0)
+    for r in range(rounds + 1):
+        rng.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            steps[name]()
+            if r:
+                times[name].append(time.perf_counter() - t)
+        if r % 10 == 0:
+            print(f"round {r}/{rounds}", flush=True)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok, float_model, train_texts, test_texts, example = smollm2_job(args)
 
     bases, graphs, rows = {}, {}, {}
     for fmt in args.formats:
@@ -132,25 +160,13 @@ def run(args) -> dict:
             config = LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16)
             peft_models[fmt] = get_peft_model(quantize(copy.deepcopy(float_model), fmt), config).train()
             steps[f"peft {fmt}"] = step_fn(peft_models[fmt], tok, train_texts, args)
-    # every case steps once per round, in a new order each round; the first round is warm-up
-    times = {name: [] for name in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for r in range(args.steps + 1):
-        rng.shuffle(order)
-        for name in order:
-            t = time.perf_counter()
-            steps[name]()
-            if r:
-                times[name].append(time.perf_counter() - t)
-        if r % 10 == 0:
-            print(f"round {r}/{args.steps}", flush=True)
+    times = training_rounds(steps, args.steps)
     for fmt in args.formats:
         gm = graphs[fmt].eval()
         row = rows[fmt]
-        row["step_ms"] = 1000 * statistics.median(times[fmt])
+        row["step_ms"] = 1000 * times[fmt]
         if fmt in peft_models:
-            row["peft_step_ms"] = 1000 * statistics.median(times[f"peft {fmt}"])
+            row["peft_step_ms"] = 1000 * times[f"peft {fmt}"]
             row["vs_peft"] = row["step_ms"] / row["peft_step_ms"]
             peft_models[fmt].eval()
             row["peft_after"] = perplexity(logits_of(peft_models[fmt]), tok, test_texts, args.max_length,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .paths import set_parameter
+from .paths import replace_parameter
 from .quantized import dequantize, format_name, is_subclass, requantize
 from .state import Adapter, Site, Weights
 
@@ -37,16 +37,15 @@ def apply_residual_init(gm: nn.Module, adapter: Adapter, sites: list[Site], init
     if bad:
         raise ConfigError(f"init={init!r} starts from a linear layer's own weight; {bad[0].param} is a {bad[0].kind} "
                           "weight: target linear layers only, or use init='kaiming'")
-    params = dict(gm.named_parameters(remove_duplicate=False))
     weights: Weights = {}
     for site in sites:
-        base = params[site.param]
+        base = gm.get_parameter(site.param)
         fmt = format_name(base) if is_subclass(base) else ""
         if fmt and init != "olora":  # PEFT's rule: PiSSA under a float weight, then quantize the residual
             raise ConfigError(f"{site.param} is quantized ({fmt}): initialize PiSSA under float32, float16 or bfloat16 "
                               "(PEFT's rule), then quantize the residual model; OLoRA (init='olora') re-quantizes the "
                               "residual itself")
-        w0 = _matrix(site, (dequantize(base) if fmt else base.detach()).to(torch.float32))
+        w0 = site.matrix((dequantize(base) if fmt else base.detach()).to(torch.float32))
         scaling, rank = adapter.scaling(site.param), adapter.ranks[site.param]
         pairs, residual = [], w0.clone()
         for block in site.blocks:
@@ -54,11 +53,9 @@ def apply_residual_init(gm: nn.Module, adapter: Adapter, sites: list[Site], init
             residual[block.start:block.stop] -= scaling * (b @ a)
             pairs.append((a.to(base.dtype).contiguous(), b.to(base.dtype).contiguous()))
         weights[site.param] = pairs
-        value = _matrix(site, residual)
+        value = site.as_weight(residual)
         new = requantize(value, base) if fmt else value.to(base.dtype)
-        replacement = nn.Parameter(new, requires_grad=False)
-        for name in [n for n, p in params.items() if p is base]:  # every name the weight has
-            set_parameter(gm, name, replacement)
+        replace_parameter(gm, base, nn.Parameter(new, requires_grad=False))
     if factors:
         adapter.weights = {**adapter.weights, **weights}
     adapter.initial = {p: [(a.clone(), b.clone()) for a, b in pairs] for p, pairs in weights.items()}
@@ -78,11 +75,6 @@ def _principal(w: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[t
         uh = u.t()
     root = (s / scaling).sqrt()
     return root[:, None] * uh, v * root
-
-
-def _matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
-    """A weight as LoRA's [out, in] matrix (GPT-2's Conv1D is stored [in, out])."""
-    return weight.transpose(-1, -2) if site.layout == "in_out" else weight
 
 
 def orthogonal_weights(site: Site, rank: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -107,10 +107,11 @@ def inject_lora(
             raise ConfigError("capture='regions' captures a model's modules one by one: pass the model, not a graph")
         return inject_regions(model, resolved.spec, config, adapter, trainable, example_inputs, reason, exclude, weights)
     matches, near = match_weights(gm, resolved.spec, exclude=exclude)
-    new = new_adapter(gm, adapter, config, [m.site for m in matches], weights=weights)
-    rows = apply_loftq(gm, new, [m.site for m in matches], loftq) if loftq is not None else []
+    sites = [m.site for m in matches]
+    new = new_adapter(gm, adapter, config, sites, weights=weights)
+    rows = apply_loftq(gm, new, sites, loftq) if loftq is not None else []
     if is_residual(init):
-        apply_residual_init(gm, new, [m.site for m in matches], init)
+        apply_residual_init(gm, new, sites, init)
     gm = inject_matched(gm, matches, near, new, trainable, exclude)
     gm.lora_state.report.loftq.extend(rows)
     if resolved.note:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .paths import set_parameter
+from .paths import replace_parameter
 from .quantized import dequantize, format_name, is_subclass, requantize
 from .report import LoftQRow
 from .state import Adapter, Site, Weights
@@ -73,9 +73,7 @@ def apply_loftq(gm: nn.Module, adapter: Adapter, sites: list[Site], config: Loft
     scalings = {s.param: adapter.scaling(s.param) for s in sites}
     bases, weights, rows = loftq_sites(params, sites, adapter.ranks, scalings, config)
     for param, q in bases.items():
-        new = nn.Parameter(q, requires_grad=False)
-        for name in [n for n, p in params.items() if p is params[param]]:  # every name the weight has
-            set_parameter(gm, name, new)
+        replace_parameter(gm, params[param], nn.Parameter(q, requires_grad=False))
     if factors:
         adapter.weights = {**adapter.weights, **weights}
     return rows
@@ -163,9 +161,9 @@ def loftq_weight(w: torch.Tensor, base: torch.Tensor, site: Site, rank: int, sca
     if tuple(w.shape) != tuple(base.shape):
         raise ConfigError(f"LoftQConfig.original's {site.param} has shape {tuple(w.shape)}, the base's is "
                           f"{tuple(base.shape)}: pass this model's float weights")
-    w = _matrix(site, w.detach().to(torch.float32))
+    w = site.matrix(w.detach().to(torch.float32))
     norm = torch.linalg.matrix_norm(w).item() or 1.0
-    before = torch.linalg.matrix_norm(w - _matrix(site, dequantize(base).float())).item() / norm
+    before = torch.linalg.matrix_norm(w - site.matrix(dequantize(base).float())).item() / norm
     if before > MISMATCH:
         raise ConfigError(f"{site.param}: the base differs from LoftQConfig.original's weight by {before:.0%} "
                           f"(relative); a {fmt} base of these weights differs by a few percent. Pass the float "
@@ -173,7 +171,7 @@ def loftq_weight(w: torch.Tensor, base: torch.Tensor, site: Site, rank: int, sca
     residual = w
     for step in range(iterations):
         q = requantize(site.as_weight(residual), base)
-        error = w - _matrix(site, dequantize(q).float())
+        error = w - site.matrix(dequantize(q).float())
         factors = [_low_rank(error[b.start:b.stop], rank) for b in site.blocks]
         approx = _place(site, error, factors)
         if step + 1 < iterations:
@@ -183,11 +181,6 @@ def loftq_weight(w: torch.Tensor, base: torch.Tensor, site: Site, rank: int, sca
     like = base.dtype
     pairs = [((r / root).to(like).contiguous(), (l / root).to(like).contiguous()) for l, r in factors]
     return q, pairs, LoftQRow(site.param, fmt, iterations, before, after)
-
-
-def _matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
-    """A weight as LoRA's [out, in] matrix."""
-    return weight.transpose(-1, -2) if site.layout == "in_out" else weight
 
 
 def _low_rank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

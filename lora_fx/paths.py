@@ -53,6 +53,12 @@ def set_parameter(root: nn.Module, path: str, value: nn.Parameter) -> None:
     owner._parameters[leaf] = value
 
 
+def replace_parameter(root: nn.Module, old: torch.Tensor, value: nn.Parameter) -> None:
+    """Point every parameter slot of `root` that holds `old` (a weight under several names) to `value`."""
+    for name in [n for n, p in root.named_parameters(remove_duplicate=False) if p is old]:
+        set_parameter(root, name, value)
+
+
 def set_buffer(root: nn.Module, path: str, value: torch.Tensor) -> None:
     """Point the buffer slot at `path` to `value` (the parent module must exist)."""
     parent, _, leaf = path.rpartition(".")

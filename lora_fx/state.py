@@ -107,6 +107,10 @@ class Site:
         """The weight's dimensions that are inputs (DoRA's norm runs over them, one value per output)."""
         return [0] if self.layout == "in_out" else list(range(1, len(self.shape)))
 
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """A linear weight as LoRA's [out, in] matrix (GPT-2's Conv1D stores [in, out])."""
+        return weight.transpose(-1, -2) if self.layout == "in_out" else weight
+
     def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         """A matrix update [.., out, in] in the weight's own shape."""
         if self.layout == "in_out":
