@@ -16,6 +16,7 @@ from .adapters import (
     set_adapter,
     size_report,
 )
+from .checkpoints import LoadReport, checkpoint_files, load_base, load_checkpoint, save_checkpoint
 from .combine import combine_adapters
 from .capture import auto_dims, capture, capture_decoder, decoder_dims
 from .diff import GraphDiff, graph_diff
@@ -23,6 +24,7 @@ from .errors import (
     AdapterFileError,
     AdapterNameError,
     CaptureError,
+    CheckpointError,
     ConfigError,
     FoldError,
     InputsError,
@@ -56,6 +58,11 @@ __all__ = [
     "merge_lora",
     "unflatten",
     "check_ranks",
+    "load_base",
+    "LoadReport",
+    "checkpoint_files",
+    "save_checkpoint",
+    "load_checkpoint",
     "merge_and_unload",
     "delta_weight",
     "delta_bias",
@@ -120,4 +127,5 @@ __all__ = [
     "FoldError",
     "AdapterFileError",
     "AdapterNameError",
+    "CheckpointError",
 ]

@@ -20,7 +20,7 @@ from .errors import ConfigError, TargetError
 from .graph_module import LoraGraphModule, copy_of, derived
 from .inits import is_residual, orthogonal_weights
 from .match import Match, rematch
-from .paths import copy_graph, set_parameter
+from .paths import copy_graph, lora_like, set_parameter
 from .report import InjectReport, NearMiss, SiteRow
 from .recompute import frozen_products
 from .rewrite import insert_lora, strip_lora, weight_form_sites
@@ -135,6 +135,17 @@ def init_weights(site: Site, rank: int, init: str, like: torch.Tensor) -> list[t
     return out
 
 
+def _check_meta(gm: nn.Module, config: LoraConfig, sites: list[Site]) -> None:
+    """A base on the meta device has no values yet: what is computed from them cannot start there."""
+    meta = [s.param for s in sites if gm.get_parameter(s.param).is_meta]
+    computed = ("DoRA's magnitude" if config.use_dora else f"init={config.init!r}"
+                if is_residual(config.init) or config.init == "loftq" else None)
+    if meta and computed:
+        raise ConfigError(f"{meta[0]} is on the meta device (no values yet), and {computed} is computed from the base "
+                          "weights. Inject with init='kaiming' or 'gaussian' on the meta model, or load the model's "
+                          "weights first (lora_fx.load_base) and inject on the loaded graph")
+
+
 def _check_dora(config: LoraConfig, sites: list[Site]) -> None:
     refused = [s for s in sites if s.kind == "experts" or s.fused or s.by_parameter]
     if config.use_dora and refused:
@@ -193,8 +204,10 @@ def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site],
     if experts and config.dropout > 0:
         raise ConfigError(f"LoRA dropout cannot apply to expert stacks ({experts[0]}): their update is added to the "
                           "weight, not to an activation (PEFT refuses it too); use dropout=0")
+    _check_meta(gm, config, sites)
     if weights is None:
-        weights = {s.param: init_weights(s, ranks[s.param], config.init, gm.get_parameter(s.param)) for s in sites}
+        weights = {s.param: init_weights(s, ranks[s.param], config.init, lora_like(gm.get_parameter(s.param)))
+                   for s in sites}
     else:
         check_weights(weights, sites, ranks)
     _check_dora(config, sites)
@@ -202,7 +215,7 @@ def new_adapter(gm: nn.Module, name: str, config: LoraConfig, sites: list[Site],
         magnitudes = init_magnitudes(sites, gm) if magnitudes is None else magnitudes
         check_magnitudes(magnitudes, sites)
     if config.lora_bias:  # zero at init, as PEFT's
-        like = {s.param: gm.get_parameter(s.param) for s in sites}
+        like = {s.param: lora_like(gm.get_parameter(s.param)) for s in sites}
         biases = {s.param: like[s.param].new_zeros(s.out_features) for s in sites} if biases is None else biases
         bad = [s.param for s in sites if s.param not in biases or tuple(biases[s.param].shape) != (s.out_features,)]
         if bad:
@@ -253,7 +266,7 @@ def relayout(gm: LoraGraphModule) -> dict[str, int]:
     for site in state.sites.values():
         r, p = slot.needed_rank(state, site.param), slot.dropout_p(state, site.param)
         if not slot.fits(gm, state, site) or slot.rank_of(gm, site, state.slot) != r:
-            slot.install(gm, site, state.slot, r, p, gm.get_parameter(site.param), site.param in dora, site.param in bias)
+            slot.install(gm, site, state.slot, r, p, lora_like(gm.get_parameter(site.param)), site.param in dora, site.param in bias)
     dropout = {param for param in state.sites if slot.dropout_p(state, param) > 0}
     counts = insert_lora(gm, rematch(gm, list(state.sites.values())), state.slot, dropout, dora, bias)
     state.weight_form = weight_form_sites(gm.graph)

@@ -34,3 +34,7 @@ class AdapterNameError(LoraFxError, KeyError):
 
     def __str__(self) -> str:  # KeyError's own str() would quote the whole message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(LoraFxError, ValueError):
+    """A model checkpoint (base weights) or a training checkpoint is missing, incomplete, or does not fit the graph."""

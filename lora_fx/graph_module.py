@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple
 
@@ -132,6 +133,8 @@ class LoraGraphModule(torch.fx.GraphModule):
 
     # -- calls ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if not self.__dict__.get("_loaded"):
+            self._check_loaded(args, kwargs)
         if (not self.__dict__.get("_ranks_checked") and torch.distributed.is_available()
                 and torch.distributed.is_initialized() and any(is_shard(p) for p in self.parameters())):
             check_ranks(self)  # sharded: every rank runs this call together, so it can compare graphs once
@@ -147,6 +150,19 @@ class LoraGraphModule(torch.fx.GraphModule):
                     "(fully_shard(gm)), or shard layer by layer on lora_fx.unflatten(gm) and call that tree (the flat "
                     "graph shares its layers, so it sees their shards too)") from e
             raise
+
+    def _check_loaded(self, args, kwargs) -> None:
+        """A graph captured from a model built on the meta device has no weights until
+        `lora_fx.load_base` reads them; say so rather than fail inside an operator."""
+        meta = next((n for n, t in (*self.named_parameters(), *self.named_buffers()) if t.is_meta), None)
+        if meta is None:
+            object.__setattr__(self, "_loaded", True)
+            return
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if inputs and all(t.is_meta for t in inputs):  # moved to meta on purpose, called on meta inputs
+            return
+        raise TargetError(f"{meta} is on the meta device: this graph was captured from a model built without its "
+                          "weights. Load them first: lora_fx.load_base(gm, checkpoint_folder)")
 
     def _dispatch(self, *args, **kwargs):
         cap = self.capture_info
@@ -290,6 +306,17 @@ class LoraGraphModule(torch.fx.GraphModule):
         """What inject_lora did (see `lora_fx.report.InjectReport`); None on a plain capture."""
         return self.lora_state.report if self.lora_state is not None else None
 
+    # -- the module tree unflatten made ------------------------------------------------------------
+    @property
+    def tree(self) -> nn.Module | None:
+        """The module tree `lora_fx.unflatten(self)` made, while it is alive: it shares this graph's
+        tensors, and what replaces them (`lora_fx.load_base`) updates its graphs too."""
+        ref = self.__dict__.get("_tree")
+        return None if ref is None else ref()
+
+    def remember_tree(self, tree: nn.Module) -> None:
+        object.__setattr__(self, "_tree", weakref.ref(tree))  # weak: the user owns the tree
+
     # -- copies, pickles, dtype and device moves --------------------------------------------------
     def _deepcopy_init(self):
         return LoraGraphModule.__init__
@@ -301,6 +328,7 @@ class LoraGraphModule(torch.fx.GraphModule):
             memo.setdefault(id(self.capture_info.source), self.capture_info.source)
         memo.setdefault(id(self._variants), {})
         res = super().__deepcopy__(memo)
+        res.__dict__.pop("_tree", None)  # the tree shares this graph's tensors, not the copy's
         res.train(self.training)
         return res
 
@@ -313,7 +341,7 @@ class LoraGraphModule(torch.fx.GraphModule):
         # torch pickles a GraphModule as its code and traces it again on load, which loses the node
         # metadata LoRA lives by (which nodes are LoRA's, module paths) and fails on export's tracer;
         # pickle the graph's nodes instead
-        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_variants", "_code", "_lineno_map")}
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_variants", "_code", "_lineno_map", "_tree")}
         return (_unpickle, (body, encode_graph(self.graph)))
 
     def _apply(self, fn, recurse=True):
@@ -343,6 +371,18 @@ class LoraGraphModule(torch.fx.GraphModule):
                 move_devices(self.graph, before[1], after[1])
                 self.recompile()
         return self
+
+    def capture_again(self) -> bool:
+        """Capture the source model again with this graph's weights (LoRA included) and take that
+        graph, as a dtype or device move does: after the weights changed in kind (a model captured on
+        the meta device, then loaded), the graph is the one a capture of the loaded model gives.
+        False, and nothing changes, where it cannot (no source, or weights sharded across ranks)."""
+        cap = self.capture_info
+        if cap is None or not cap.can_recapture() or any(is_shard(p) for p in self.parameters()):
+            return False
+        self._variants.clear()
+        self._adopt(cap.recapture(self, cap.example_inputs))
+        return True
 
     def _adopt(self, other: LoraGraphModule) -> None:
         """Take `other`'s graph (built over this module's weights) and the stateless modules it calls."""

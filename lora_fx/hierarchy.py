@@ -90,7 +90,26 @@ def unflatten(gm: LoraGraphModule, compute_dtype: torch.dtype | None = None) -> 
         _drop_code_tensors(module)
     _share_modules(gm, hier)
     gm.release_source()
+    hier.__class__ = _checked(type(hier))
+    gm.remember_tree(hier)
     return hier
+
+
+def _checked(cls: type) -> type:
+    """`cls` with a call that first checks that no weight is still on the meta device: FSDP2's own
+    check would fail later, inside its lazy init, and leave the tree unusable even after loading."""
+    return type(cls.__name__, (cls,), {"__call__": _call_when_loaded, "__module__": cls.__module__})
+
+
+def _call_when_loaded(self: nn.Module, *args, **kwargs):
+    if not self.__dict__.get("_loaded"):
+        meta = next((n for n, t in (*self.named_parameters(), *self.named_buffers()) if t.is_meta), None)
+        if meta is not None:
+            raise TargetError(f"{meta} is on the meta device: this tree was made from a model built without its "
+                              "weights. Load them first: lora_fx.load_base(gm, checkpoint_folder) (after fully_shard, "
+                              "each rank reads its own shards)")
+        self.__dict__["_loaded"] = True
+    return nn.Module.__call__(self, *args, **kwargs)
 
 
 def _drop_code_tensors(module: nn.Module) -> None:

@@ -33,6 +33,14 @@ def is_shard(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor")
 
 
+def lora_like(weight: torch.Tensor) -> torch.Tensor:
+    """What LoRA's tensors for `weight` are created like: the weight itself, or, for a weight on the
+    meta device (a model built from its config; `lora_fx.load_base` reads its values later), an
+    empty CPU tensor of its dtype. LoRA is small and gets its values at inject, from the same random
+    stream as on a real model: every rank draws the same A, and no separate init is needed later."""
+    return torch.empty(0, dtype=weight.dtype) if weight.is_meta else weight
+
+
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     """Install `module` at `path`, creating empty parent modules as needed."""
     *parents, leaf = path.split(".")

@@ -20,7 +20,7 @@ FLOORS = {
         "rewrite": 4,
         "attach": 5,
         "regions": 6, "mixed": 6, "saved": 6, "hierarchy": 6,
-        "inject": 7, "adapters": 7, "fold": 7,
+        "inject": 7, "adapters": 7, "fold": 7, "checkpoints": 7,
         "adapter_io": 8, "combine": 8,
         "analysis": 9,
         "__init__": 10,
