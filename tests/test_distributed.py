@@ -64,6 +64,11 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
                 with open(f"{out}/{engine}.error.{rank}", "w") as f:
                     f.write(traceback.format_exc())
             dist.barrier()
+        try:
+            _run_from_meta(rank, world, out)
+        except Exception:
+            with open(f"{out}/meta.error.{rank}", "w") as f:
+                f.write(traceback.format_exc())
     finally:
         dist.destroy_process_group()
 
@@ -111,6 +116,66 @@ def _run_engine(rank: int, world: int, engine: str, out: str) -> None:
     # on a group that no longer exists (seen: a rank hung at exit)
     del module, gm
     gc.collect()
+
+
+def _meta_injected():
+    """_injected's graph, from a model built on the meta device: no weights yet, the same LoRA."""
+    with torch.device("meta"):
+        model = tiny_llama()
+    tiny_llama()  # _injected's random stream: its LoRA draws come after the model's init
+    return lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, example_inputs={"input_ids": _batch()[:2]})
+
+
+def _sharded_from_meta(base: str):
+    """The meta start: inject on meta, the tree, per-layer FSDP2, then each rank reads its shards."""
+    gm = _meta_injected()
+    tree = lora_fx.unflatten(gm)
+    for layer in tree.model.layers.children():
+        fully_shard(layer)
+    fully_shard(tree)
+    return gm, tree
+
+
+def _steps(module, gm, opt, ids, steps=STEPS):
+    for _ in range(steps):
+        module(input_ids=ids).logits.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _run_from_meta(rank: int, world: int, out: str) -> None:
+    """Start on meta and load each rank's shards; train 3 steps, checkpoint, 3 more; resume the
+    checkpoint in a fresh start and train the same 3 again. Also: a rank given a bad checkpoint."""
+    base, local = f"{out}/base", _batch().chunk(world)[rank]
+    gm, tree = _sharded_from_meta(base)
+    try:  # rank 1 was given a checkpoint that is not there: every rank must say so, none may train
+        lora_fx.load_base(gm, base if rank == 0 else f"{out}/no-such-checkpoint")
+        message = "no error"
+    except lora_fx.CheckpointError as e:
+        message = str(e)
+    with open(f"{out}/meta-refused.{rank}", "w") as f:
+        f.write(message)
+    gm, tree = _sharded_from_meta(base)
+    report = lora_fx.load_base(gm, base)
+    with open(f"{out}/meta-read.{rank}", "w") as f:
+        f.write(str(report.bytes_read))
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    _steps(tree, gm, opt, local)
+    lora_fx.save_checkpoint(f"{out}/train3", gm, opt, module=tree, step=STEPS)
+    after = {"meta3": _lora(gm)}
+    _steps(tree, gm, opt, local)
+    after["meta6"] = _lora(gm)
+    del gm, tree, opt
+    gm, tree = _sharded_from_meta(base)
+    lora_fx.load_base(gm, base)
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    assert lora_fx.load_checkpoint(f"{out}/train3", gm, opt, module=tree) == STEPS
+    _steps(tree, gm, opt, local)
+    after["resumed6"] = _lora(gm)
+    if rank == 0:
+        for name, weights in after.items():
+            save_file(weights, f"{out}/{name}.safetensors")
+    dist.barrier()
 
 
 def _flat_layers_worker(rank: int, rendezvous: str, out: str) -> None:
@@ -182,6 +247,7 @@ def _spawn(fn, args, nprocs: int, deadline_s: float) -> None:
 def runs(tmp_path_factory):
     """The directory every engine's 2-rank run wrote into (one spawn for all)."""
     out = tmp_path_factory.mktemp("ranks")
+    tiny_llama().save_pretrained(out / "base", max_shard_size="20KB")  # sharded, with an index, as big models are
     _spawn(_worker, (2, str(out / "rendezvous"), str(out)), nprocs=2, deadline_s=300)
     return out
 
@@ -224,6 +290,46 @@ def test_two_ranks_equal_one_process_on_the_global_batch(engine, runs, single):
                 assert_close(sharded[k], one[k], ulps=1000, what=k)
         assert (saved / "adapter_config.json").read_text() == \
             (runs / f"{engine}.safetensors.adapter" / "adapter_config.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two-ranks")
+def test_two_ranks_start_on_meta_read_their_shards_and_train_as_one_process(runs, single):
+    errors = sorted(runs.glob("meta.error.*"))
+    assert not errors, errors[0].read_text()
+    _, reference, _ = single
+    distributed = load_file(runs / "meta3.safetensors")
+    assert distributed.keys() == reference.keys()
+    for k, v in reference.items():
+        assert_close(distributed[k], v, ulps=1000, what=k)
+    whole = sum(t.numel() * t.element_size() for t in tiny_llama().parameters())
+    for rank in (0, 1):  # each rank read about half of the base (its rows of every weight), never all of it
+        assert 0.4 * whole < int((runs / f"meta-read.{rank}").read_text()) < 0.6 * whole
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two-ranks")
+def test_a_rank_given_a_bad_checkpoint_stops_every_rank(runs):
+    messages = [(runs / f"meta-refused.{rank}").read_text() for rank in (0, 1)]
+    assert all("no checkpoint at" in m and "no-such-checkpoint" in m for m in messages), messages
+    assert messages[0].startswith("rank 1: ")  # rank 0's own checkpoint was fine: it names the rank that failed
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("two-ranks")
+def test_a_sharded_run_resumes_on_two_ranks_and_on_one_process(runs):
+    assert not sorted(runs.glob("meta.error.*"))
+    uninterrupted = load_file(runs / "meta6.safetensors")
+    resumed = load_file(runs / "resumed6.safetensors")
+    assert max((resumed[k] - v).abs().max().item() for k, v in uninterrupted.items()) <= 1e-6
+    gm = _meta_injected()  # one process, no FSDP: the checkpoint of two ranks' shards reshards on load
+    lora_fx.load_base(gm, runs / "base")
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    assert lora_fx.load_checkpoint(runs / "train3", gm, opt) == STEPS
+    _steps(gm, gm, opt, _batch())
+    one = _lora(gm)
+    assert max((one[k] - v).abs().max().item() for k, v in uninterrupted.items()) <= 1e-6
+    assert max((one[k] - v).abs().max().item() for k, v in load_file(runs / "meta3.safetensors").items()) > 1e-4
 
 
 def test_trains_inside_transformers_trainer(tmp_path):
