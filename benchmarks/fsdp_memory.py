@@ -16,6 +16,17 @@ and one AdamW step taken:
   glibc keeps free back with malloc_trim): all the process holds (Python and torch themselves, about
   400 MB, activations, gloo buffers).
 The target (issue 16): params peak <= (model / N + 2 layers + LoRA) * 1.1, and peak RSS falling with N.
+
+    python benchmarks/fsdp_memory.py --meta [--procs 1 2 4]      (issue 24, about 10 min)
+
+The start on the meta device against today's build-then-shard, both per-layer FSDP2 from the same
+sharded safetensors checkpoint of the model (written once; today's path builds the model and
+discards the checkpoint's values: a random init costs what loading does), each run a fresh set of
+processes: peak RSS per rank from process start to the end of the first step (VmHWM, never reset),
+RSS at rest after loading (trimmed), load time, checkpoint save and resume time; the runtime's own
+baseline is the RSS after importing torch, transformers and lora_fx. Target: peak <= model / N +
+2 layers + LoRA + 10% + baseline. Also capture + inject time and RSS on meta for 7B and 70B Llama
+configs (no weights at all).
 """
 from __future__ import annotations
 
@@ -134,6 +145,132 @@ def _step(module, gm, ids) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def _meta_rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str) -> None:
+    """One rank of the meta start ("meta") or of today's build-then-shard ("build"), per-layer FSDP2."""
+    torch.set_num_threads(max(1, args.threads // world))
+    baseline = _status("VmRSS")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+    try:
+        config = _config(args)
+        ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
+        t = time.perf_counter()
+        if mode == "meta":
+            with torch.device("meta"):
+                model = LlamaForCausalLM(config)
+        else:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        torch.manual_seed(1)
+        gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=8, alpha=16, example_inputs={"input_ids": ids})
+        del model
+        tree = lora_fx.unflatten(gm)
+        _shard(tree)
+        inject_s = time.perf_counter() - t
+        t = time.perf_counter()
+        read = lora_fx.load_base(gm, args.checkpoint_dir).bytes_read if mode == "meta" else 0
+        load_s = time.perf_counter() - t
+        _trim()
+        rest = _status("VmRSS")
+        opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-4)
+        tree(input_ids=ids).logits.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        peak = _status("VmHWM")  # since the process started: build, capture, load and the first step
+        t = time.perf_counter()
+        lora_fx.save_checkpoint(f"{args.checkpoint_dir}.train.{mode}.{world}", gm, opt, module=tree, step=1)
+        save_s = time.perf_counter() - t
+        t = time.perf_counter()
+        lora_fx.load_checkpoint(f"{args.checkpoint_dir}.train.{mode}.{world}", gm, opt, module=tree)
+        resume_s = time.perf_counter() - t
+        layer = sum(p.numel() * p.element_size() for n, p in gm.named_parameters() if n.startswith("model.layers.0.")
+                    and "lora_" not in n)
+        whole = sum(p.numel() * p.element_size() for n, p in gm.named_parameters() if "lora_" not in n)
+        lora = sum(p.numel() * p.element_size() for p in lora_fx.lora_parameters(gm).values())
+        row = {"mode": mode, "procs": world, "rank": rank, "baseline_mb": baseline / MB, "peak_mb": peak / MB,
+               "rest_mb": rest / MB, "read_mb": read / MB, "inject_s": inject_s, "load_s": load_s, "save_s": save_s,
+               "resume_s": resume_s, "model_mb": whole / MB, "layer_mb": layer / MB, "lora_mb": lora / MB}
+        Path(f"{out}.{rank}.json").write_text(json.dumps(row))
+    finally:
+        dist.destroy_process_group()
+
+
+def _meta_config_rank(_: int, name: str, config: dict, out: str) -> None:
+    """Capture + inject of a Llama config built on the meta device: time and RSS, no weights."""
+    before = _status("VmRSS")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    params = sum(p.numel() for p in model.parameters())
+    t = time.perf_counter()
+    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=16, alpha=32,
+                             example_inputs={"input_ids": torch.zeros(1, 128, dtype=torch.long)})
+    Path(out).write_text(json.dumps({"config": name, "params_b": params / 1e9, "capture_inject_s": time.perf_counter() - t,
+                                     "rss_rise_mb": (_status("VmRSS") - before) / MB, "peak_rss_mb": _status("VmHWM") / MB,
+                                     "lora_mb": sum(p.numel() * p.element_size()
+                                                    for p in lora_fx.lora_parameters(gm).values()) / MB}))
+
+
+META_CONFIGS = {
+    "Llama-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def meta_start(args) -> None:
+    """Issue 24's table: meta start vs build-then-shard per rank, and capture on meta for 7B / 70B."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args.checkpoint_dir = f"{tmp}/base"
+        torch.manual_seed(0)
+        LlamaForCausalLM(_config(args)).save_pretrained(args.checkpoint_dir, max_shard_size="200MB")
+        gc.collect()
+        rows = []
+        for world in args.procs:
+            for mode in ("meta", "build"):
+                out = f"{tmp}/row-{mode}-{world}"
+                mp.start_processes(_meta_rank, args=(world, f"{tmp}/rdv-{mode}-{world}", mode, args, out),
+                                   nprocs=world, start_method="spawn")
+                rows += [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
+                print(rows[-1], flush=True)
+        configs = []
+        for name, config in META_CONFIGS.items():
+            mp.start_processes(_meta_config_rank, args=(name, config, f"{tmp}/{name}.json"), nprocs=1,
+                               start_method="spawn")
+            configs.append(json.loads(Path(f"{tmp}/{name}.json").read_text()))
+            print(configs[-1], flush=True)
+    s = rows[0]
+    lines = [f"# Start on meta vs build-then-shard, per-layer FSDP2 (issue 24), CPU, gloo, {args.threads} cores "
+             "shared by all ranks", "",
+             f"Llama: hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, vocab {args.vocab} "
+             f"(untied), {s['model_mb']:.0f} MB fp32 (one layer {s['layer_mb']:.1f} MB); LoRA r=8 on q/v "
+             f"({s['lora_mb']:.1f} MB); a sharded safetensors checkpoint (200 MB files); batch 1 x {args.seq}; "
+             "one AdamW step. Every run a fresh set of processes; peak = VmHWM from process start to the end of "
+             "the first step; baseline = RSS after imports.", ""]
+    table = []
+    for world, mode in dict.fromkeys((r["procs"], r["mode"]) for r in rows):
+        mine = [r for r in rows if r["procs"] == world and r["mode"] == mode]
+        worst = max(mine, key=lambda r: r["peak_mb"])
+        target = (s["model_mb"] / world + 2 * s["layer_mb"] + s["lora_mb"]) * 1.1 + worst["baseline_mb"]
+        table.append({"processes": world, "start": "meta + load_base" if mode == "meta" else "build, then shard",
+                      "peak RSS / rank (MB)": f"{worst['peak_mb']:.0f}", "target (MB)": f"{target:.0f}",
+                      "met": "yes" if worst["peak_mb"] <= target else "no",
+                      "RSS at rest after loading (MB)": f"{max(r['rest_mb'] for r in mine):.0f}",
+                      "baseline (MB)": f"{worst['baseline_mb']:.0f}",
+                      "read / rank (MB)": f"{max(r['read_mb'] for r in mine):.0f}" if mode == "meta" else "-",
+                      "capture + inject + shard (s)": f"{max(r['inject_s'] for r in mine):.1f}",
+                      "load (s)": f"{max(r['load_s'] for r in mine):.2f}" if mode == "meta" else "-",
+                      "checkpoint save / resume (s)": f"{max(r['save_s'] for r in mine):.2f} / "
+                                                      f"{max(r['resume_s'] for r in mine):.2f}"})
+    lines += _table(table) + ["", "## Capture + inject on the meta device (no weights), q/v r=16", ""]
+    lines += _table([{"config": c["config"], "parameters": f"{c['params_b']:.1f}B",
+                      "capture + inject (s)": f"{c['capture_inject_s']:.1f}", "RSS rise (MB)": f"{c['rss_rise_mb']:.0f}",
+                      "peak RSS (MB)": f"{c['peak_rss_mb']:.0f}", "LoRA (MB)": f"{c['lora_mb']:.0f}"} for c in configs])
+    (RESULTS / "fsdp_meta.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "fsdp_meta.json").write_text(json.dumps({"rows": rows, "configs": configs}, indent=1))
+    print("\n".join(lines))
+
+
 def _rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str) -> None:
     torch.set_num_threads(max(1, args.threads // world))
     grouped = mode != "plain"
@@ -229,7 +366,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="per-layer vs root-only at 2 processes, alternated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="fsdp_memory")
+    ap.add_argument("--meta", action="store_true", help="issue 24: start on meta vs build-then-shard (fsdp_meta.md)")
     args = ap.parse_args(argv)
+    if args.meta:
+        return meta_start(args)
 
     rows = []
     for world in args.procs:
