@@ -17,7 +17,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+from torch.utils import _pytree as pytree
 
 from .errors import CheckpointError
 from .graph_module import LoraGraphModule, move_devices, require_lora
@@ -294,6 +295,10 @@ def _repoint_graphs(gm: LoraGraphModule, target: torch.device) -> None:
     can be (it is then exactly a real capture's); where it cannot, and in the tree's graphs (whose
     weights are shards by now), the devices are re-pointed to `target` (meta's layouts stay: same values)."""
     meta = torch.device("meta")
+    cap = gm.capture_info
+    if cap is not None and cap.example_inputs is not None:  # the graph runs on `target` now: so do its examples
+        gm.capture_info = replace(cap, example_inputs=pytree.tree_map_only(torch.Tensor, lambda t: t.to(target),
+                                                                           cap.example_inputs))
     if not gm.capture_again():  # traced with real tensors, the graph is a real capture's (layouts included)
         move_devices(gm.graph, meta, target)
         gm.recompile()
