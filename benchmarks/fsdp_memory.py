@@ -167,11 +167,13 @@ def _meta_rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str
         tree = lora_fx.unflatten(gm)
         _shard(tree)
         inject_s = time.perf_counter() - t
+        _trim()
+        sharded = _status("VmRSS")
         t = time.perf_counter()
         read = lora_fx.load_base(gm, args.checkpoint_dir).bytes_read if mode == "meta" else 0
         load_s = time.perf_counter() - t
         _trim()
-        rest = _status("VmRSS")
+        rest, before_step = _status("VmRSS"), _status("VmHWM")
         opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-4)
         tree(input_ids=ids).logits.float().square().mean().backward()
         opt.step()
@@ -188,7 +190,8 @@ def _meta_rank(rank: int, world: int, rendezvous: str, mode: str, args, out: str
         whole = sum(p.numel() * p.element_size() for n, p in gm.named_parameters() if "lora_" not in n)
         lora = sum(p.numel() * p.element_size() for p in lora_fx.lora_parameters(gm).values())
         row = {"mode": mode, "procs": world, "rank": rank, "baseline_mb": baseline / MB, "peak_mb": peak / MB,
-               "rest_mb": rest / MB, "read_mb": read / MB, "inject_s": inject_s, "load_s": load_s, "save_s": save_s,
+               "rest_mb": rest / MB, "sharded_mb": sharded / MB,
+               "peak_before_step_mb": before_step / MB, "read_mb": read / MB, "inject_s": inject_s, "load_s": load_s, "save_s": save_s,
                "resume_s": resume_s, "model_mb": whole / MB, "layer_mb": layer / MB, "lora_mb": lora / MB}
         Path(f"{out}.{rank}.json").write_text(json.dumps(row))
     finally:
@@ -255,6 +258,8 @@ def meta_start(args) -> None:
         table.append({"processes": world, "start": "meta + load_base" if mode == "meta" else "build, then shard",
                       "peak RSS / rank (MB)": f"{worst['peak_mb']:.0f}", "target (MB)": f"{target:.0f}",
                       "met": "yes" if worst["peak_mb"] <= target else "no",
+                      "peak before the step (MB)": f"{max(r['peak_before_step_mb'] for r in mine):.0f}",
+                      "RSS after inject + shard (MB)": f"{max(r['sharded_mb'] for r in mine):.0f}",
                       "RSS at rest after loading (MB)": f"{max(r['rest_mb'] for r in mine):.0f}",
                       "baseline (MB)": f"{worst['baseline_mb']:.0f}",
                       "read / rank (MB)": f"{max(r['read_mb'] for r in mine):.0f}" if mode == "meta" else "-",

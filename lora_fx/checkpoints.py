@@ -260,7 +260,9 @@ def _read(handle, key: str, t: torch.Tensor, target: torch.device) -> torch.Tens
         value = handle.get_slice(key)[index] if all(chunk.sizes) else torch.empty(tuple(chunk.sizes))
     else:
         value = handle.get_tensor(key)
-    return value.to(device=target, dtype=t.dtype)
+    # a copy: safetensors' tensors may map the file, which must not stay under the weights (a checkpoint
+    # rewritten during training would change them)
+    return value.to(device=target, dtype=t.dtype, copy=True)
 
 
 def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
