@@ -139,3 +139,49 @@ def test_multi_adapter_export_refuses_an_adapter_added_on_a_weight_it_cannot_swi
     with pytest.raises(export.ExportError, match=r"\['qkv.weight'\] are adapted as weights"):
         export.export_multi_adapter(gm, tmp_path / "multi.onnx")
     assert not (tmp_path / "multi.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["per-run", "mixed"])
+def test_concurrent_requests_never_get_another_adapters_answer(served, tmp_path, kind):
+    """Threads send requests with different adapters (and, mixed, batches that mix them) while another
+    thread loads an adapter: every answer is its own adapter's, or a clear AdapterNameError for an
+    adapter not loaded yet; never another adapter's answer."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, gm, _, multi, *_ = served
+    path = multi if kind == "per-run" else export.export_multi_adapter(gm, tmp_path / "mixed2.onnx", mixed=2)
+    files = {n: export.export_adapter(gm, tmp_path / f"{n}.onnx_adapter", path, name=n) for n in NAMES}
+    reference = export.AdapterServer(path)
+    for n in NAMES:
+        reference.load(n, files[n])
+    inputs = [token_ids(2, 5 + i % 3, seed=20 + i) for i in range(4)]
+    choices = [None, "a", "b", "c"] + ([("a", "b"), ("c", None), ("b", "c")] if kind == "mixed" else [])
+    expected = {(i, c): reference.run(x, adapter=list(c) if isinstance(c, tuple) else c)[0]
+                for i, x in enumerate(inputs) for c in choices}
+    server = export.AdapterServer(path)
+    server.load("a", files["a"])
+    server.load("b", files["b"])  # "c" is loaded while requests run
+    rng = random.Random(0)
+    requests = [(rng.randrange(len(inputs)), rng.choice(choices)) for _ in range(120)]
+
+    def serve(request):
+        i, c = request
+        try:
+            return request, server.run(inputs[i], adapter=list(c) if isinstance(c, tuple) else c)[0]
+        except lora_fx.AdapterNameError as e:
+            assert "c" in (c if isinstance(c, tuple) else (c,)) and "'c'" in str(e)
+            return request, None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        before = list(pool.map(serve, requests[:40]))
+        loading = pool.submit(server.load, "c", files["c"])
+        during = list(pool.map(serve, requests[40:80]))
+        loading.result()
+        after = list(pool.map(serve, requests[80:]))
+    assert all(out is not None for _, out in after)  # once loaded, "c" is served
+    answered = [(r, out) for r, out in before + during + after if out is not None]
+    for (i, c), out in answered:
+        assert_close(out, expected[(i, c)], ulps=10, what=f"request {i} with {c}")
+        others = [expected[(i, o)] for o in choices if o != c and expected[(i, o)].shape == out.shape]
+        assert all(rel_diff(out, o) > 1e-4 for o in others if rel_diff(expected[(i, c)], o) > 1e-3)
