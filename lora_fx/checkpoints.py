@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 import warnings
@@ -49,8 +50,6 @@ class LoadReport:
 def checkpoint_files(checkpoint: str | os.PathLike) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it: a file, or a folder with
     model.safetensors.index.json (sharded, as save_pretrained writes it) or model.safetensors."""
-    from safetensors import safe_open
-
     path = Path(checkpoint)
     if path.is_file():
         files = [path]
@@ -70,19 +69,49 @@ def checkpoint_files(checkpoint: str | os.PathLike) -> dict[str, Path]:
     else:
         raise CheckpointError(f"no checkpoint at {path}: expected a .safetensors file, or a folder with {INDEX} or "
                               f"{SINGLE} (model.save_pretrained(folder) writes them)")
-    out = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                out.update({k: f for k in handle.keys()})
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            raise CheckpointError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-    return out
+    return {k: f for f in files for k in _header(f)}
+
+
+# safetensors' dtype names (the format's spec)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lies in a safetensors file."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset of its data in the file
+
+
+def _header(path: Path) -> dict[str, _Entry]:
+    """A safetensors file's table of contents. The format: an 8-byte little-endian header size, a
+    JSON header {name: {dtype, shape, data_offsets}}, then the data. Read here rather than through
+    safetensors' loader, which maps the file: mapped pages count as the process's memory while it
+    reads, so a rank loading its shards would briefly hold them twice."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        entries = {k: _Entry(_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + size + v["data_offsets"][0])
+                   for k, v in header.items()}
+        end = 8 + size + max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if path.stat().st_size < end:  # found before anything is read, not halfway through loading
+        raise CheckpointError(f"{path} ends before its tensors do ({path.stat().st_size} of {end} bytes): the file is "
+                              "truncated (copy it again)")
+    return entries
 
 
 @dataclass
 class _Plan:
-    read: list[tuple[torch.Tensor, str, Path]] = field(default_factory=list)  # meta tensor, checkpoint key, file
+    read: list[tuple[torch.Tensor, _Entry, Path]] = field(default_factory=list)  # meta tensor, where it lies, file
     computed: dict[int, torch.Tensor] = field(default_factory=dict)  # id(meta buffer) -> its value
 
 
@@ -117,10 +146,10 @@ def load_base(gm: LoraGraphModule, checkpoint: str | os.PathLike, *, device: str
     read = 0
     with contextlib.ExitStack() as files:
         opened = {}
-        for t, key, path in plan.read:
+        for t, entry, path in plan.read:
             if path not in opened:
-                opened[path] = files.enter_context(_open(path))
-            value = _read(opened[path], key, t, target)
+                opened[path] = files.enter_context(open(path, "rb"))
+            value = _read(opened[path], entry, t, target, path)
             read += value.numel() * value.element_size()
             _replace(gm, t, _like(t, value))
     for _, t in tensors:
@@ -158,8 +187,6 @@ def _target(tensors, device) -> torch.device:
 
 
 def _plan(gm: LoraGraphModule, tensors, files: dict[str, Path], given: dict[str, torch.Tensor]) -> _Plan:
-    from safetensors import safe_open
-
     plan, to_compute = _Plan(), []
     headers = {}
     for name, t in tensors:
@@ -174,13 +201,13 @@ def _plan(gm: LoraGraphModule, tensors, files: dict[str, Path], given: dict[str,
                                   f"names: {close}). Is it this model's checkpoint, saved with the same module names?")
         path = files[key]
         if path not in headers:
-            with safe_open(str(path), framework="pt") as handle:
-                headers[path] = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
-        shape = tuple(headers[path][key])
+            headers[path] = _header(path)
+        entry = headers[path][key]
+        shape = entry.shape
         if shape != tuple(t.shape):
             raise CheckpointError(f"{key} in {path.name} has shape {shape}, this model's {name} {tuple(t.shape)}: the "
                                   "checkpoint is another model's (or another config's)")
-        plan.read.append((t, key, path))
+        plan.read.append((t, entry, path))
     plan.computed = _computed(gm, to_compute, given)
     return plan
 
@@ -246,23 +273,23 @@ def _agreed(error: CheckpointError | None) -> CheckpointError | None:
     return error if error is not None else CheckpointError(f"rank {rank}: {message}")
 
 
-def _open(path: Path):
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="pt")
-
-
-def _read(handle, key: str, t: torch.Tensor, target: torch.device) -> torch.Tensor:
-    """The checkpoint's values for `t`: a shard's own rows only (the slice FSDP2 gave this rank)."""
-    if isinstance(t, DTensor):  # a shard
+def _read(f, entry: _Entry, t: torch.Tensor, target: torch.device, path: Path) -> torch.Tensor:
+    """The checkpoint's values for `t`, read into a tensor of their own: a shard's own rows only
+    (FSDP2 shards dim 0: one contiguous byte range), a whole weight otherwise."""
+    rows, first = entry.shape[0] if entry.shape else 1, 0
+    if isinstance(t, DTensor):
         chunk = t.__create_chunk_list__()[0]
-        index = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
-        value = handle.get_slice(key)[index] if all(chunk.sizes) else torch.empty(tuple(chunk.sizes))
-    else:
-        value = handle.get_tensor(key)
-    # a copy: safetensors' tensors may map the file, which must not stay under the weights (a checkpoint
-    # rewritten during training would change them)
-    return value.to(device=target, dtype=t.dtype, copy=True)
+        if tuple(chunk.offsets[1:]) != (0,) * (len(entry.shape) - 1) or tuple(chunk.sizes[1:]) != entry.shape[1:]:
+            raise CheckpointError(f"{t.shape} sharded as {t.placements}: load_base reads shards of dim 0 (FSDP2's "
+                                  "default placement)")
+        first, rows = chunk.offsets[0], chunk.sizes[0]
+    value = torch.empty((rows, *entry.shape[1:]) if entry.shape else (), dtype=entry.dtype)
+    row_bytes = math.prod(entry.shape[1:]) * value.element_size()
+    f.seek(entry.start + first * row_bytes)
+    buffer = value.view(-1).view(torch.uint8).numpy()
+    if value.numel() and f.readinto(buffer) != buffer.nbytes:  # changed since it was checked
+        raise CheckpointError(f"{path} ended while it was read: was it being written?")
+    return value.to(device=target, dtype=t.dtype)
 
 
 def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

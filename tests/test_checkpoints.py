@@ -105,6 +105,13 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_is_read(tmp_pa
     with pytest.raises(lora_fx.CheckpointError, match=r"model.embed_tokens.weight \(\(64, 32\)\) is not in the "
                                                       r"checkpoint .*nearest names: \['base.model.embed_tokens"):
         lora_fx.load_base(gm, renamed)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(lora_fx.CheckpointError, match="garbage.safetensors is not a readable safetensors file"):
+        lora_fx.load_base(gm, tmp_path / "garbage.safetensors")
+    save_file({k: v.contiguous() for k, v in tiny_llama().state_dict().items()}, tmp_path / "whole.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:-100])
+    with pytest.raises(lora_fx.CheckpointError, match="cut.safetensors ends before its tensors do"):
+        lora_fx.load_base(gm, tmp_path / "cut.safetensors")
     assert _still_meta(gm)
     lora_fx.load_base(gm, checkpoint)  # the refusals changed nothing: the right checkpoint still loads
     with pytest.raises(lora_fx.CheckpointError, match="nothing to load"):
