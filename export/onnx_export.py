@@ -6,9 +6,12 @@ same path to ONNX and come out node-for-node (and name-for-name) the same.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,89 @@ def _writable_target(path: Path) -> None:
         raise ExportError(f"cannot write {path}: no write permission; choose a writable path")
 
 
+@contextlib.contextmanager
+def staged(path: Path):
+    """Write an ONNX file set (the .onnx, its external data, genai_config.json) into a staging folder
+    beside `path`, and move it into place only when whole: external data first under names of its
+    own (nothing is overwritten), then the .onnx by one atomic rename (the commit), then the rest. A
+    writer killed at any point leaves the previous set as it was (or, after the commit, the new .onnx
+    with its own data: never one file's new data under another's graph); a full disk fails in the
+    staging folder, with the previous set untouched. Yields the path to write to."""
+    path = Path(path)
+    for left in path.parent.glob(f".{path.name}.partial-*"):  # a killed writer's: its process is gone
+        if not _alive(left.name.rsplit("-", 2)[-2]):
+            shutil.rmtree(left, ignore_errors=True)
+    stage = path.parent / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage / path.name
+        _commit(stage, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(f"no space left to write {path} ({e.strerror}); the previous {path.name} was not "
+                              "touched. Free some space and export again") from e
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:
+        return True  # not a staging folder of ours: leave it
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph holds: initializers, and node attributes (subgraphs included)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _data_files(model: onnx.ModelProto) -> set[str]:
+    return {e.value for t in _tensors(model.graph) for e in t.external_data if e.key == "location"}
+
+
+def _commit(stage: Path, path: Path) -> None:
+    staged_onnx = stage / path.name
+    model = onnx.load(str(staged_onnx), load_external_data=False)
+    token = uuid.uuid4().hex[:8]
+    locations = sorted(_data_files(model))
+    # staged data file -> a name of its own in the target folder (nothing there is overwritten)
+    moves = {old: f"{path.name}.{token}{'' if len(locations) == 1 else f'.{i}'}.data" for i, old in enumerate(locations)}
+    if moves:
+        for t in _tensors(model.graph):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = moves[e.value]
+        onnx.save(model, str(staged_onnx))  # the graph only: its data stays where it is, under the new name below
+    try:
+        previous = _data_files(onnx.load(str(path), load_external_data=False)) if path.is_file() else set()
+    except Exception:  # what is there is not an ONNX file: nothing of it to clean up
+        previous = set()
+    for f in stage.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    for old, new in moves.items():
+        os.replace(stage / old, path.parent / new)
+    os.replace(staged_onnx, path)  # the commit
+    if (stage / kv.GENAI_CONFIG).is_file():  # what goes with the graph; anything else staged is scratch
+        os.replace(stage / kv.GENAI_CONFIG, path.parent / kv.GENAI_CONFIG)
+    for old in previous - set(moves.values()):  # the replaced graph's data
+        (path.parent / old).unlink(missing_ok=True)
+
+
 def output_names(gm: LoraGraphModule) -> list[str] | None:
     """Names for the flattened outputs: the keys of a ModelOutput or dict, output_<i> otherwise."""
     spec = getattr(gm, "_out_spec", None)
@@ -59,13 +145,16 @@ def output_names(gm: LoraGraphModule) -> list[str] | None:
 
 
 def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic: bool = True,
-                opset: int | None = None, optimize: bool = False, kv_cache: bool = False) -> Path:
+                opset: int | None = None, optimize: bool = False, kv_cache: bool = False,
+                external_data: bool | None = None) -> Path:
     """Export `module` (a graph lora-fx returned, or any nn.Module) to ONNX at `path`.
 
     Dynamic batch and sequence axes by default; inputs and outputs named as the model names them;
     weights keep their parameter names (`optimize=False`, so the untouched and the folded exports can
-    be compared name for name; ONNX Runtime optimizes at load time anyway). Weights over 2 GB go to
-    external data. The file passes `onnx.checker`. Returns the path written.
+    be compared name for name; ONNX Runtime optimizes at load time anyway). Weights go to external
+    data (a file beside it) when over 2 GB, or always with external_data=True. The file passes
+    `onnx.checker`. The set is written whole or not at all (`staged`: a killed writer or a full disk
+    leaves the previous export as it was). Returns the path written.
 
     kv_cache=True (a causal LM, or a graph of one): one decoding step instead of the forward, with
     inputs `input_ids`, `attention_mask`, `position_ids` (where the model takes them),
@@ -82,12 +171,19 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
                       "must capture whole", stacklevel=2)
         try:
             return export_onnx(lora_fx.merge_and_unload(module), path, example_inputs, dynamic=dynamic, opset=opset,
-                               optimize=optimize, kv_cache=kv_cache)
+                               optimize=optimize, kv_cache=kv_cache, external_data=external_data)
         except lora_fx.CaptureError as e:
             raise ExportError(f"ONNX export needs the whole model captured, and it was captured by regions because "
                               f"{regions.reason[:300]}; the merged model fails the same way. Export a model torch.export "
                               "can capture (replace the untraceable line), or serve the merged model in PyTorch") from e
     _check_formats(module)
+    with staged(path) as target:
+        _write(module, target, example_inputs, dynamic, opset, optimize, kv_cache, external_data)
+    return path
+
+
+def _write(module: nn.Module, path: Path, example_inputs, dynamic: bool, opset, optimize: bool, kv_cache: bool,
+           external_data: bool | None) -> None:
     if kv_cache:
         try:
             gm = module.decode_step() if isinstance(module, LoraGraphModule) else lora_fx.capture_decoder(module)
@@ -104,13 +200,12 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
         if inputs and outputs:  # ONNX names are one namespace: an output named like an input (a UNet's "sample") gets "_out"
             outputs = [f"{n}_out" if n in inputs else n for n in outputs]
         names = inputs, outputs
-    _export(gm, path, args, kwargs, dynamic_shapes, names, opset, optimize)
+    _export(gm, path, args, kwargs, dynamic_shapes, names, opset, optimize, external_data)
     if kv_cache:
         described = kv.describe(gm)
         kv.write_metadata(path, described)
         kv.write_genai_config(path, gm, described)
     onnx.checker.check_model(str(path))
-    return path
 
 
 # quantized weight formats torch's exporter writes as ONNX that ONNX Runtime runs (int8 and the
@@ -149,7 +244,8 @@ def _forward_inputs(module: nn.Module, example_inputs) -> tuple[LoraGraphModule,
     return gm, tuple(example_inputs), {}
 
 
-def _export(gm: LoraGraphModule, path: Path, args, kwargs, dynamic_shapes, names, opset, optimize) -> None:
+def _export(gm: LoraGraphModule, path: Path, args, kwargs, dynamic_shapes, names, opset, optimize,
+            external_data: bool | None) -> None:
     was_training = gm.training
     gm.eval()
     # the exporter warns about torchvision ops it cannot register; nothing to do with this model
@@ -165,7 +261,7 @@ def _export(gm: LoraGraphModule, path: Path, args, kwargs, dynamic_shapes, names
         raise _explain_failure(gm, e) from e
     finally:
         gm.train(was_training)
-    program.save(str(path))  # weights over 2 GB go to <path>.data automatically
+    program.save(str(path), external_data=external_data)  # None: weights over 2 GB go to external data
 
 
 def _explain_failure(gm: LoraGraphModule, error: Exception) -> ExportError:

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from lora_fx import LORA_A, LoraGraphModule
 
 from . import kv_cache as kv
 from .generation import generate, session_device
-from .onnx_export import ExportError, export_onnx
+from .onnx_export import ExportError, export_onnx, staged
 from .runtime import ort_run, ort_session
 
 INDEX = "adapter_index"
@@ -52,20 +53,23 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_c
         )
     if isinstance(mixed, bool) or not isinstance(mixed, int) or mixed < 0:
         raise ExportError(f"mixed must be a number of adapter banks (0: one adapter per run), got {mixed!r}")
-    if mixed:
-        module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, mixed)
-        path = export_onnx(module, path, example_inputs, kv_cache=kv_cache)
-        _make_overridable(path, lambda name: name if _is_bank(name) else None, zero=lambda name: False)
-    else:
-        path = export_onnx(gm, path, example_inputs, kv_cache=kv_cache)
-        renamed = _make_overridable(path, lambda name: lora_fx.slot_free_name(name, state.slot),
-                                    zero=lambda name: not _is_lora_a(name))  # lora_B, scaling: the base model
-        expected = {lora_fx.slot_free_name(n, state.slot) for n, _ in gm.named_parameters()} - {None}
-        missing = expected - set(renamed.values())
-        if not renamed or missing:
-            raise ExportError(f"the exporter did not keep the LoRA weights as named initializers (missing {sorted(missing)[:3]})")
-    onnx.checker.check_model(str(path))
-    return Path(path)
+    path = Path(path)
+    with staged(path) as target:  # the export and its rewrite below reach `path` whole, or not at all
+        if mixed:
+            module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, mixed)
+            export_onnx(module, target, example_inputs, kv_cache=kv_cache)
+            _make_overridable(target, lambda name: name if _is_bank(name) else None, zero=lambda name: False)
+        else:
+            export_onnx(gm, target, example_inputs, kv_cache=kv_cache)
+            renamed = _make_overridable(target, lambda name: lora_fx.slot_free_name(name, state.slot),
+                                        zero=lambda name: not _is_lora_a(name))  # lora_B, scaling: the base model
+            expected = {lora_fx.slot_free_name(n, state.slot) for n, _ in gm.named_parameters()} - {None}
+            missing = expected - set(renamed.values())
+            if not renamed or missing:
+                raise ExportError("the exporter did not keep the LoRA weights as named initializers (missing "
+                                  f"{sorted(missing)[:3]})")
+        onnx.checker.check_model(str(target))
+    return path
 
 
 def _make_overridable(path: Path, rename, zero) -> dict[str, str]:
@@ -90,7 +94,7 @@ def _make_overridable(path: Path, rename, zero) -> dict[str, str]:
     for init in graph.initializer:  # overridable: also a graph input, fed by ONNX Runtime's LoraAdapter
         if init.name in renamed.values():
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000)
+    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000, location=f"{path.name}.data")
     return renamed
 
 
@@ -165,8 +169,16 @@ def export_adapter(adapter, path, model, name: str | None = None) -> Path:
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v.detach().cpu().float().numpy()
                                                             if v.dtype == torch.bfloat16 else v.detach().cpu().numpy())
                         for k, v in params.items()})
-    fmt.export_adapter(str(path))
-    return Path(path)
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        fmt.export_adapter(str(partial))
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)  # whole or not at all: a killed writer leaves the previous file as it was
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 class AdapterServer:
