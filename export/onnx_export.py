@@ -96,7 +96,7 @@ def _data_files(model: onnx.ModelProto) -> set[str]:
 def _commit(stage: Path, path: Path) -> None:
     staged_onnx = stage / path.name
     model = onnx.load(str(staged_onnx), load_external_data=False)
-    token = uuid.uuid4().hex[:8]
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the writer's pid: a dead writer's leftovers can be told apart
     locations = sorted(_data_files(model))
     # staged data file -> a name of its own in the target folder (nothing there is overwritten)
     moves = {old: f"{path.name}.{token}{'' if len(locations) == 1 else f'.{i}'}.data" for i, old in enumerate(locations)}
@@ -120,6 +120,10 @@ def _commit(stage: Path, path: Path) -> None:
         os.replace(stage / kv.GENAI_CONFIG, path.parent / kv.GENAI_CONFIG)
     for old in previous - set(moves.values()):  # the replaced graph's data
         (path.parent / old).unlink(missing_ok=True)
+    for left in path.parent.glob(f"{path.name}.*-*.data"):  # data an interrupted writer moved in, never committed
+        pid = left.name[len(path.name) + 1:].split("-", 1)[0]
+        if left.name not in moves.values() and (pid == str(os.getpid()) or not _alive(pid)):
+            left.unlink(missing_ok=True)
 
 
 def output_names(gm: LoraGraphModule) -> list[str] | None:
