@@ -121,7 +121,8 @@ def load_base(gm: LoraGraphModule, checkpoint: str | os.PathLike, *, device: str
     `checkpoint_files`), by name; the model `gm` was captured from stays as it was (on meta).
 
     Sharded weights (FSDP2, after `lora_fx.unflatten(gm)` and `fully_shard`): each rank reads only
-    the rows of its own shard (safetensors slices; no rank ever holds a whole weight). The tree
+    the rows of its own shard (the bytes of its rows, read into the shard: no rank reads or holds a
+    whole weight). The tree
     shares `gm`'s tensors, so loading `gm` loads the tree. Buffers the checkpoint does not hold
     (non-persistent ones, as rotary `inv_freq`) are computed by the model's own init
     (transformers' `_init_weights` on a real copy of the module that owns them) or taken from

@@ -24,31 +24,37 @@ from .rewrite import LORA_META, combine_inputs
 from .state import LoraState, Site
 
 
+def _accumulator(w0: torch.Tensor) -> torch.dtype:
+    """The dtype a fold computes in: fp32, or fp64 for an fp64 weight (never less precise than W0)."""
+    return torch.float64 if w0.dtype == torch.float64 else torch.float32
+
+
 def _factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
-    """The update of one weight as (block, B * scaling, A) pairs in fp32: the update is
-    sum over pairs of pad(B' @ A) (rows of the block), in W0's [out, in] orientation."""
+    """The update of one weight as (block, B * scaling, A) pairs in the fold's dtype (`_accumulator`):
+    the update is sum over pairs of pad(B' @ A) (rows of the block), in W0's [out, in] orientation."""
     state = gm.lora_state
+    acc = _accumulator(gm.get_parameter(site.param))
     out = []
     if adapters is None:  # what the graph computes now: the slots, with their per-row scale
         scale, pairs = slot.tensors(gm, site, state.slot)
         for block, (a, b) in zip(site.blocks, pairs):
-            a, b = site.as_matrix(a.detach().float(), b.detach().float())
-            out.append((block, b * scale.float(), a))
+            a, b = site.as_matrix(a.detach().to(acc), b.detach().to(acc))
+            out.append((block, b * scale.to(acc), a))
         return out
     for name, weight in adapter_mix(state, adapters).items():
         adapter = state.adapters[name]
         if site.param not in adapter.ranks:
             continue
         for block, (a, b) in zip(site.blocks, slot.read(gm, state, name)[site.param]):
-            a, b = site.as_matrix(a.float(), b.float())
+            a, b = site.as_matrix(a.to(acc), b.to(acc))
             out.append((block, b * (weight * adapter.scaling(site.param)), a))
     return out
 
 
-def _lora_delta(site: Site, factors: list[tuple], device) -> torch.Tensor:
-    """scaling * B @ A of one weight from its `_factors`, fp32, in W0's layout and shape."""
+def _lora_delta(site: Site, factors: list[tuple], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """scaling * B @ A of one weight from its `_factors`, in `dtype`, in W0's layout and shape."""
     batch = (site.experts,) if site.experts else ()
-    delta = torch.zeros(*batch, site.out_features, site.in_features, dtype=torch.float32, device=device)
+    delta = torch.zeros(*batch, site.out_features, site.in_features, dtype=dtype, device=device)
     for block, b, a in factors:
         delta[..., block.start:block.stop, :] += b @ a
     return site.as_weight(delta)
@@ -102,11 +108,12 @@ def delta_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
     adapters: None for what the graph computes now (the active adapters), or a name, a list of
     names, or {name: weight} for a weighted sum of stored adapters.
     """
-    delta = _lora_delta(site, _factors(gm, site, adapters), gm.get_parameter(site.param).device)
+    w0 = gm.get_parameter(site.param)
+    delta = _lora_delta(site, _factors(gm, site, adapters), w0.device, _accumulator(w0))
     magnitude = _magnitude(gm, site, adapters)
     if magnitude is None:
         return delta
-    w0 = gm.get_parameter(site.param).detach().float()
+    w0 = w0.detach().to(delta.dtype)
     return _dora(w0 + delta, site, magnitude) - w0
 
 
@@ -123,13 +130,13 @@ def _finite_factors(gm: nn.Module, site: Site, adapters=None) -> list[tuple]:
 
 
 def folded_weight(gm: nn.Module, site: Site, adapters=None) -> torch.Tensor:
-    """W0 + update, accumulated in fp32 (one addmm per block, no weight-sized temporaries beyond
-    the fp32 copy) and cast once to W0's dtype."""
+    """W0 + update, accumulated in fp32 (fp64 for an fp64 weight; one addmm per block, no
+    weight-sized temporaries beyond that copy) and cast once to W0's dtype."""
     w0 = gm.get_parameter(site.param)
     factors = _finite_factors(gm, site, adapters)
-    w = dequantize(w0).float() if site.quantized else w0.detach().to(torch.float32, copy=True)
+    w = dequantize(w0).float() if site.quantized else w0.detach().to(_accumulator(w0), copy=True)
     if site.kind != "linear":  # conv, embedding, experts: one delta in the weight's shape
-        w += _lora_delta(site, factors, w.device)
+        w += _lora_delta(site, factors, w.device, w.dtype)
     for block, b, a in factors if site.kind == "linear" else ():
         if site.layout == "in_out":  # W0 is [in, out]: the block is a column range
             w[:, block.start:block.stop].addmm_(a.t(), b.t())
