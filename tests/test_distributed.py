@@ -300,8 +300,8 @@ def test_two_ranks_start_on_meta_read_their_shards_and_train_as_one_process(runs
     _, reference, _ = single
     distributed = load_file(runs / "meta3.safetensors")
     assert distributed.keys() == reference.keys()
-    for k, v in reference.items():
-        assert_close(distributed[k], v, ulps=1000, what=k)
+    for k, v in reference.items():  # LoRA weights are O(1): 100 ulps of them is about the atol 1e-5
+        assert_close(distributed[k], v, ulps=100, what=k)
     whole = sum(t.numel() * t.element_size() for t in tiny_llama().parameters())
     for rank in (0, 1):  # each rank read about half of the base (its rows of every weight), never all of it
         assert 0.4 * whole < int((runs / f"meta-read.{rank}").read_text()) < 0.6 * whole
