@@ -2,6 +2,9 @@
 Each row's exports are made once, from the row's one capture (see helpers.Built.onnx)."""
 from __future__ import annotations
 
+import collections
+
+import onnx
 import pytest
 import torch
 
@@ -66,3 +69,15 @@ def test_kv_export_of_a_model_without_a_kv_cache_is_a_clear_error(cls, tmp_path)
     with pytest.raises(export.ExportError, match="kv_cache=True: .*(no KV cache|causal LM)"):
         export.export_onnx(model, tmp_path / "m.onnx", kv_cache=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_onnx_runtime_fuses_every_rmsnorm(built, onnx_dir):
+    """torch writes RMSNorm's x * rsqrt(v) as Mul(x, Reciprocal(Sqrt(v))), which ONNX Runtime does
+    not fuse; export.fusable rewrites it as Div(x, Sqrt(v)): one SimplifiedLayerNormalization each."""
+    norms = sum("RMSNorm" in type(m).__name__ for m in built.model.modules())
+    if not norms:
+        pytest.skip(f"{built.case.name} has no RMSNorm")
+    optimized = export.optimized_model(built.onnx("base", onnx_dir), onnx_dir / f"{built.case.name}-fused.opt.onnx")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == norms, ops
+    assert ops["Reciprocal"] == 0
