@@ -13,13 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 
 def load(m) -> onnx.ModelProto:
     if isinstance(m, onnx.ModelProto):
         return m
-    return onnx.load(str(m), load_external_data=True)
+    try:
+        return onnx.load(str(m), load_external_data=True)
+    except DecodeError as e:  # protobuf's own message says nothing about the file
+        raise ValueError(f"{m} is not an ONNX model (it does not parse as onnx.ModelProto); pass .onnx files that "
+                         "export.export_onnx (or any ONNX exporter) wrote") from e
 
 
 def _attr(attr: onnx.AttributeProto):

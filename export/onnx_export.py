@@ -50,6 +50,7 @@ def staged(path: Path):
     with its own data: never one file's new data under another's graph); a full disk fails in the
     staging folder, with the previous set untouched. Yields the path to write to."""
     path = Path(path)
+    _writable_target(path)
     for left in path.parent.glob(f".{path.name}.partial-*"):  # a killed writer's: its process is gone
         if not _alive(left.name.rsplit("-", 2)[-2]):
             shutil.rmtree(left, ignore_errors=True)

@@ -110,6 +110,9 @@ def _is_bank(name: str) -> bool:
 def slot_shapes(model_path) -> dict[str, tuple[int, ...]]:
     """The shapes one adapter's weights must have for a multi-adapter model, by slot-free name
     (a mixed model: one bank's share of each bank)."""
+    if not Path(model_path).is_file():
+        raise ExportError(f"no model at {model_path}: give the multi-adapter model the adapter is for "
+                          "(export.export_multi_adapter writes it)")
     model = onnx.load(str(model_path), load_external_data=False)
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     overridable = {i.name: inits[i.name] for i in model.graph.input if i.name in inits}
@@ -206,12 +209,20 @@ class AdapterServer:
         self.shapes = {lora_fx.bank_source(n) or n: shape[1:] if _is_bank(n) else shape for n, shape in overridable.items()}
 
     def load(self, name: str, adapter_path) -> None:
+        if not Path(adapter_path).is_file():
+            raise ExportError(f"no adapter file at {adapter_path}: write one with export.export_adapter(adapter, path, model)")
         adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_path))  # memory-mapped
-        params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
+        try:
+            adapter.Load(str(adapter_path))  # memory-mapped
+            params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
+        except RuntimeError as e:  # ONNX Runtime's own words: "not a valid lora parameter format"
+            raise ExportError(f"{adapter_path} is not an .onnx_adapter file ({str(e).strip().splitlines()[-1][:200]}); "
+                              "write one with export.export_adapter(adapter, path, model)") from e
         unknown = sorted(set(params) - set(self.shapes))
         if unknown:
-            raise ExportError(f"{adapter_path} holds {unknown[:3]}, which the served model does not take")
+            raise ExportError(f"{adapter_path} holds {unknown[:3]}, which the served model does not take: an adapter "
+                              "for other target modules; export it against this model (export.export_adapter(adapter, "
+                              "path, this_model)) from a graph with this model's targets")
         wrong = [k for k, v in params.items() if tuple(v.numpy().shape) != tuple(self.shapes[k])]
         if wrong:
             k = wrong[0]

@@ -91,8 +91,11 @@ def special_tokens(model, eos_token_id, pad_token_id):
 def check_request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens,
                   max_positions: int | None) -> torch.Tensor:
     """The attention mask to use (ones when None), after checking the request; raises before any work."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise InputsError(f"input_ids must be a [batch, sequence] tensor of token ids, got {getattr(input_ids, 'shape', input_ids)!r}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise InputsError(f"input_ids must hold integer token ids, got {input_ids.dtype}: pass the tokenizer's ids "
+                          "(torch.long), e.g. input_ids.long() if they were converted")
     if input_ids.shape[1] == 0:
         raise InputsError("input_ids is empty: give at least one prompt token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:

@@ -46,6 +46,8 @@ class CaptureInfo:
     recapture: Recapture | None = None  # None: this graph cannot be captured again (no source)
     kind: str = "forward"  # "forward": the model's forward; "decoder": one decoding step with a KV cache
     fixed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # image inputs' sizes (all but batch)
+    # checks a call's named inputs' values before it runs (a mixed batch's adapter_index); real tensors only
+    check_inputs: Callable[[dict[str, Any]], None] | None = None
 
     def other_size(self, inputs) -> tuple | None:
         """The sizes of the fixed-size inputs in a call when they are not the captured ones, else None."""
@@ -168,6 +170,8 @@ class LoraGraphModule(torch.fx.GraphModule):
         cap = self.capture_info
         if cap is None or cap.signature is None or torch.compiler.is_compiling():
             return self._run(*args, **kwargs)
+        if cap.check_inputs is not None and not cap.positional:
+            cap.check_inputs(cap.bind(args, kwargs))
         if cap.positional:
             sizes = cap.other_size(args) if not kwargs else None
             if sizes is None or not cap.can_recapture():

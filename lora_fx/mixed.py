@@ -9,6 +9,7 @@ other graph, so ONNX Runtime serves mixed batches too.
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from . import slot
 from .attach import base_copy
-from .errors import ConfigError
+from .errors import ConfigError, InputsError
 from .graph_module import CaptureInfo, LoraGraphModule, require_lora
 from .match import rematch, x_position
 from .paths import set_module
@@ -87,6 +88,25 @@ class MixedLora(nn.Module):
                 d = torch.nn.functional.pad(d, (start, self.out_features - stop))
             total = d if total is None else total + d
         return base + total.reshape(base.shape)
+
+
+def check_index(inputs: dict, banks: int, names: list[str]) -> None:
+    """adapter_index of a call: one integer per row, each a bank (0 .. banks - 1) or -1 (none). The
+    graph takes it modulo the bank count (so that -1 is the zero bank): any other value would
+    silently serve another row's adapter or none. Tensors being traced (fake, meta) are not read."""
+    index = inputs.get(INDEX)
+    if type(index) is not torch.Tensor or index.is_meta:
+        return
+    batch = next((v.shape[0] for k, v in inputs.items() if k != INDEX and isinstance(v, torch.Tensor) and v.dim()), None)
+    what = f"one of {names} by position" if names else f"a bank 0..{banks - 1}"
+    if index.is_floating_point() or index.dtype == torch.bool or index.dim() != 1 or (batch is not None and
+                                                                                      index.shape[0] != batch):
+        raise InputsError(f"adapter_index must be an integer tensor with one entry per row ({batch} rows), got "
+                          f"{index.dtype} of shape {tuple(index.shape)}: row i's entry is {what}, or -1 for none")
+    bad = index[(index < -1) | (index >= banks)]
+    if bad.numel():
+        raise InputsError(f"adapter_index {int(bad[0])} is out of range: each row's entry is {what}, or -1 for none "
+                          f"({banks} banks)")
 
 
 def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModule:
@@ -173,7 +193,7 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     # captured again (recapture None): the banks are its own
     mixed.capture_info = CaptureInfo(source=cap.source, signature=signature, input_names=(*cap.input_names, INDEX),
                                      example_inputs=example, notes=[f"mixed adapters: {names or slots}"],
-                                     kind=cap.kind)
+                                     kind=cap.kind, check_inputs=partial(check_index, banks=k - 1, names=list(names)))
     mixed.recompile()
     mixed.eval()
     return mixed

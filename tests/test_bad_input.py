@@ -78,6 +78,9 @@ class World:
         tiny_gpt2().save_pretrained(self.gpt2_dir)
         (d / "empty").mkdir()
         (d / "notes.txt").write_text("not a model\n")
+        (d / "notes.onnx").write_text("not a model\n")  # the right suffix, the wrong contents
+        (d / "notes.pt2").write_text("not a model\n")
+        self.mixed = lora_fx.mixed_adapters(gm, ["a", "b"])
         with torch.device("meta"):
             meta = tiny_llama()
         self.meta = lora_fx.inject_lora(meta, ["q_proj", "v_proj"], rank=4, example_inputs=token_ids())
@@ -92,7 +95,7 @@ class World:
 
     def modules(self) -> dict:
         return {"gm": self.gm, "folded": self.folded, "dora": self.dora, "rank8": self.rank8,
-                "k_proj": self.k_proj, "bert": self.bert, "trained": self.trained}
+                "k_proj": self.k_proj, "bert": self.bert, "trained": self.trained, "mixed": self.mixed}
 
     def state(self) -> dict:
         """What no row may change, except module weights (`snapshot` / `assert_unchanged`)."""
@@ -235,6 +238,35 @@ CASES = [
     ("load-checkpoint-not-a-training-checkpoint", lambda w: lora_fx.load_checkpoint(w.gpt2_dir, w.trained, w.optimizer),
      lora_fx.CheckpointError, (r"gpt2 is not a whole lora-fx training checkpoint: lora_fx_checkpoint\.json is missing .*"
                                r"Resume from an earlier checkpoint")),
+    # found by this table, fixed: each got a raw error (or silently served the wrong adapter) before
+    ("generate-float-input-ids", lambda w: w.gm.generate(w.ids.float(), 3),
+     lora_fx.InputsError, r"input_ids must hold integer token ids, got torch\.float32: pass the tokenizer's ids"),
+    ("mixed-index-out-of-range", lambda w: w.mixed(input_ids=w.ids, adapter_index=torch.tensor([5, 0])),
+     lora_fx.InputsError, r"adapter_index 5 is out of range: each row's entry is one of \['a', 'b'\] by position, or -1"),
+    ("mixed-index-below-minus-one", lambda w: w.mixed(input_ids=w.ids, adapter_index=torch.tensor([-2, 0])),
+     lora_fx.InputsError, r"adapter_index -2 is out of range"),
+    ("mixed-index-wrong-length", lambda w: w.mixed(input_ids=w.ids, adapter_index=torch.tensor([0, 1, 1])),
+     lora_fx.InputsError, r"adapter_index must be an integer tensor with one entry per row \(2 rows\), got torch\.int64 "
+                          r"of shape \(3,\)"),
+    ("mixed-index-float", lambda w: w.mixed(input_ids=w.ids, adapter_index=torch.tensor([0.0, 1.0])),
+     lora_fx.InputsError, r"adapter_index must be an integer tensor .* got torch\.float32"),
+    ("save-graph-missing-folder", lambda w: lora_fx.save_graph(w.gm, w.dir / "nodir" / "g.pt2"),
+     lora_fx.InputsError, r"cannot save the graph to .*g\.pt2: directory .*nodir does not exist; create it first"),
+    ("load-graph-not-a-graph", lambda w: lora_fx.load_graph(w.dir / "notes.pt2"),
+     lora_fx.InputsError, r"notes\.pt2 is not a saved graph .*save one with lora_fx\.save_graph\(gm, path\)"),
+    ("load-graph-missing", lambda w: lora_fx.load_graph(w.dir / "missing.pt2"),
+     lora_fx.InputsError, r"no saved graph at .*missing\.pt2 \(lora_fx\.save_graph writes a \.pt2 file\)"),
+    ("multi-adapter-missing-folder", lambda w: export.export_multi_adapter(w.gm, w.dir / "nodir" / "m.onnx"),
+     export.ExportError, r"cannot write .*m\.onnx: directory .*nodir does not exist; create it first"),
+    ("export-adapter-missing-model",
+     lambda w: export.export_adapter(w.gm, w.dir / "x.onnx_adapter", w.dir / "missing.onnx", name="a"),
+     export.ExportError, r"no model at .*missing\.onnx: give the multi-adapter model .*export_multi_adapter writes it"),
+    ("server-load-missing-file", lambda w: w.server.load("x", w.dir / "missing.onnx_adapter"),
+     export.ExportError, r"no adapter file at .*missing\.onnx_adapter: write one with export\.export_adapter"),
+    ("server-load-not-an-adapter", lambda w: w.server.load("x", w.dir / "notes.txt"),
+     export.ExportError, r"notes\.txt is not an \.onnx_adapter file .*write one with export\.export_adapter"),
+    ("cli-diff-onnx-suffix-not-onnx", lambda w: cli("diff", str(w.dir / "notes.onnx"), str(w.model_path)),
+     CliExit, r"^exit 2: .*notes\.onnx is not an ONNX model .*pass \.onnx files"),
     ("load-checkpoint-missing-folder", lambda w: lora_fx.load_checkpoint(w.dir / "missing", w.trained, w.optimizer),
      lora_fx.CheckpointError, r"no training checkpoint at .*missing \(lora_fx\.save_checkpoint writes a folder\)"),
 ]
