@@ -95,6 +95,21 @@ def read_metadata(session_or_path) -> KvCache:
     return KvCache(**json.loads(props[META_KEY]))
 
 
+HF_CONFIGS = ("config.json", "generation_config.json")  # what transformers / optimum read from a model folder
+
+
+def write_hf_configs(path: Path, step: lora_fx.LoraGraphModule) -> list[Path]:
+    """The model's config.json and generation_config.json beside `path`, as transformers writes
+    them: what optimum's ORTModelForCausalLM.from_pretrained(folder) reads with the ONNX file."""
+    source = step.capture_info.source
+    written = []
+    for name, config in zip(HF_CONFIGS, (getattr(source, "config", None), getattr(source, "generation_config", None))):
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(path.parent)
+            written.append(path.parent / name)
+    return written
+
+
 def write_genai_config(path: Path, step: lora_fx.LoraGraphModule, kv: KvCache) -> Path:
     """genai_config.json beside `path`, so that onnxruntime-genai runs it (one model per folder, as
     onnxruntime-genai expects)."""

@@ -119,8 +119,9 @@ def _commit(stage: Path, path: Path) -> None:
     for old, new in moves.items():
         os.replace(stage / old, path.parent / new)
     os.replace(staged_onnx, path)  # the commit
-    if (stage / kv.GENAI_CONFIG).is_file():  # what goes with the graph; anything else staged is scratch
-        os.replace(stage / kv.GENAI_CONFIG, path.parent / kv.GENAI_CONFIG)
+    for name in (kv.GENAI_CONFIG, *kv.HF_CONFIGS):  # what goes with the graph; anything else staged is scratch
+        if (stage / name).is_file():
+            os.replace(stage / name, path.parent / name)
     for old in previous - set(moves.values()):  # the replaced graph's data
         (path.parent / old).unlink(missing_ok=True)
     for left in path.parent.glob(f"{path.name}.*-*.data"):  # data an interrupted writer moved in, never committed
@@ -167,8 +168,9 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     inputs `input_ids`, `attention_mask`, `position_ids` (where the model takes them),
     `past_key_values.{i}.key` / `.value` and outputs `logits`, `present.{i}.key` / `.value`; batch,
     sequence and past length dynamic. What a generation loop needs is kept in the file's metadata
-    (`export.generate` reads it) and `genai_config.json` is written beside it for onnxruntime-genai
-    (one model per folder). `example_inputs` is not used: the step sizes its own example.
+    (`export.generate` reads it); `genai_config.json` (onnxruntime-genai) and the model's
+    `config.json` / `generation_config.json` (transformers, optimum) are written beside it (one
+    model per folder). `example_inputs` is not used: the step sizes its own example.
     """
     path = Path(path)
     _writable_target(path)
@@ -212,6 +214,7 @@ def _write(module: nn.Module, path: Path, example_inputs, dynamic: bool, opset, 
         described = kv.describe(gm)
         kv.write_metadata(path, described)
         kv.write_genai_config(path, gm, described)
+        kv.write_hf_configs(path, gm)
     onnx.checker.check_model(str(path))
 
 

@@ -170,3 +170,22 @@ def _write_adapter_like(src, dst):
     fmt.set_model_version(1)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     fmt.export_adapter(str(dst))
+
+
+def test_a_kv_export_folder_carries_the_models_configs(decoder, onnx_dir):
+    """config.json and generation_config.json beside the graph, as transformers writes them: what
+    optimum's ORTModelForCausalLM.from_pretrained(folder) reads with it."""
+    from transformers import AutoConfig, GenerationConfig
+
+    folder = decoder.kv_onnx("folded", onnx_dir).parent
+    def described(config):  # what it says about the model, not where it was read from
+        return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+    assert described(AutoConfig.from_pretrained(folder)) == described(decoder.model.config)
+    if getattr(decoder.model, "generation_config", None) is not None:
+        assert GenerationConfig.from_pretrained(folder).to_dict() == decoder.model.generation_config.to_dict()
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:
+        pytest.skip("optimum is not installed (it pins transformers < 5): the folder's files are checked above")
+    ORTModelForCausalLM.from_pretrained(folder)
