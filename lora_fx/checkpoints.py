@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CheckpointError
 from .graph_module import LoraGraphModule, move_devices, require_lora
-from .paths import replace_parameter, set_buffer
+from .paths import set_buffer, set_parameter
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -132,6 +132,7 @@ def load_base(gm: LoraGraphModule, checkpoint: str | os.PathLike, *, device: str
     started = time.perf_counter()
     require_lora(gm, "load_base")
     tensors = _meta_tensors(gm)
+    names_of = {id(t): names for names, t in tensors}
     target = _target(tensors, device)
     error, plan = None, _Plan()
     try:
@@ -152,29 +153,26 @@ def load_base(gm: LoraGraphModule, checkpoint: str | os.PathLike, *, device: str
                 opened[path] = files.enter_context(open(path, "rb"))
             value = _read(opened[path], entry, t, target, path)
             read += value.numel() * value.element_size()
-            _replace(gm, t, _like(t, value))
-    for _, t in tensors:
+            _replace(gm, names_of[id(t)], t, _like(t, value))
+    for names, t in tensors:
         if id(t) in plan.computed:
-            _replace(gm, t, plan.computed[id(t)].to(target))
+            _replace(gm, names, t, plan.computed[id(t)].to(target))
     _move_rest(gm, target)
     _repoint_graphs(gm, target)
-    return LoadReport(len(plan.read), read, sorted(n for n, t in tensors if id(t) in plan.computed),
+    return LoadReport(len(plan.read), read, sorted(names[0] for names, t in tensors if id(t) in plan.computed),
                       sorted({str(p) for _, _, p in plan.read}), time.perf_counter() - started)
 
 
-def _meta_tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(a name, tensor) for each meta tensor of `gm` (once per tensor, however many names it has)."""
-    seen, out = set(), []
+def _meta_tensors(gm: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+    """(every name, tensor) for each meta tensor of `gm`, from one walk over its tensors (a tied
+    weight has several names: the checkpoint may hold it under any, and each is re-pointed)."""
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
     for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
-        if t.is_meta and id(t) not in seen:
-            seen.add(id(t))
-            out.append((name, t))
-    return out
-
-
-def _names(gm: nn.Module, t: torch.Tensor) -> list[str]:
-    return [n for n, x in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
-            if x is t]
+        if t.is_meta:
+            names.setdefault(id(t), []).append(name)
+            tensors[id(t)] = t
+    return [(names[k], t) for k, t in tensors.items()]
 
 
 def _target(tensors, device) -> torch.device:
@@ -190,8 +188,8 @@ def _target(tensors, device) -> torch.device:
 def _plan(gm: LoraGraphModule, tensors, files: dict[str, Path], given: dict[str, torch.Tensor]) -> _Plan:
     plan, to_compute = _Plan(), []
     headers = {}
-    for name, t in tensors:
-        names = _names(gm, t)
+    for names, t in tensors:
+        name = names[0]
         if name in given or (not isinstance(t, nn.Parameter) and not any(n in files for n in names)):
             to_compute.append((name, t))
             continue
@@ -301,12 +299,10 @@ def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
 
 
-def _replace(gm: nn.Module, old: torch.Tensor, value: torch.Tensor) -> None:
-    if isinstance(old, nn.Parameter):
-        replace_parameter(gm, old, value)
-    else:
-        for name in [n for n, b in gm.named_buffers(remove_duplicate=False) if b is old]:
-            set_buffer(gm, name, value)
+def _replace(gm: nn.Module, names: list[str], old: torch.Tensor, value: torch.Tensor) -> None:
+    """Point every name of `old` (found by `_meta_tensors`) to `value`."""
+    for name in names:
+        (set_parameter if isinstance(old, nn.Parameter) else set_buffer)(gm, name, value)
 
 
 def _move_rest(gm: nn.Module, target: torch.device) -> None:
