@@ -326,6 +326,13 @@ def _export(model: nn.Module, inputs, positional: bool, training: bool, weights:
     return ep.module(check_guards=False)  # no _guards_fn node: the graph is the model's compute only
 
 
+def without_fake_tensor_cache():
+    """torch.export with its fake-tensor cache off. With dynamic sizes a cache hit rebuilds its output
+    with `set_` under symbolic shapes, which costs more than running the op again: measured at 2 layers /
+    hidden 64, qwen3_5's inject 31 -> 21 s, olmo_hybrid 28 -> 15 s, llama 3.2 -> 2.1 s (none slower)."""
+    return torch._dynamo.config.patch(fake_tensor_cache_enabled=False)
+
+
 def export_program(model: nn.Module, inputs, positional: bool, training: bool = False, weights: dict | None = None,
                    kind: str = FORWARD) -> torch.export.ExportedProgram:
     """torch.export's program of `model` on `inputs` (every dim Dim.AUTO), traced with `weights`
@@ -337,7 +344,7 @@ def export_program(model: nn.Module, inputs, positional: bool, training: bool = 
     swap = _reparametrize_module(model, weights) if weights else contextlib.nullcontext()
     step = _as_decoder(model) if kind == DECODER else contextlib.nullcontext()
     try:
-        with capture_state(model, training), swap, step:
+        with capture_state(model, training), swap, step, without_fake_tensor_cache():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch raises many types here; all mean "could not capture"
         reason = "\n".join(str(e).strip().splitlines()[:12])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .capture import auto_dims
+from .capture import auto_dims, without_fake_tensor_cache
 from .errors import InputsError
 from .graph_module import LoraGraphModule
 
@@ -25,7 +25,8 @@ def save_graph(gm: LoraGraphModule, path) -> Path:
     was_training = gm.training
     gm.eval()
     try:
-        ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dims, strict=False)
+        with without_fake_tensor_cache():
+            ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dims, strict=False)
     finally:
         gm.train(was_training)
     torch.export.save(ep, str(path))
