@@ -5,7 +5,10 @@
   `<module>.lora_B.weight`, `<module>.lora_scaling`). B and the scaling default to zero, so with no
   adapter active the session computes the base model. `kv_cache=True` exports the decoding step
   instead (generation; onnxruntime-genai runs it with `.onnx_adapter` files); `mixed=k` exports k
-  adapter *banks* and an `adapter_index` input, so the rows of one batch use different adapters.
+  adapter *banks* and an `adapter_index` input, so the rows of one batch use different adapters;
+  `stacked=True` makes each bank a graph input whose first dimension (adapters + 1) is free, so
+  the server stacks every loaded adapter once and a batch mixes any of them with no refill: each
+  site gathers only its rows' adapters (one Gather on axis 0), whatever the number loaded.
 - `export_adapter(adapter, path, model)`: ONNX Runtime's `.onnx_adapter` for one adapter (ours or
   PEFT's), zero-padded to the model's slot ranks (exact).
 - `AdapterServer`: one session, adapters loaded once (memory-mapped), `run(inputs, adapter=name)` and
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +34,16 @@ from .onnx_export import ExportError, export_onnx, staged
 from .runtime import ort_run, ort_session
 
 INDEX = "adapter_index"
+_TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
 def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_cache: bool = False,
-                         mixed: int = 0) -> Path:
+                         mixed: int = 0, stacked: bool = False) -> Path:
     """Export the unfolded LoRA graph with its LoRA weights as overridable initializers (see the
     module doc). `kv_cache=True`: the decoding step with its KV cache. `mixed=k`: k adapter banks
-    (each sized to the graph's slots) and an `adapter_index` input (one bank per row, -1 for none)."""
+    (each sized to the graph's slots) and an `adapter_index` input (one bank per row, -1 for none).
+    `stacked=True`: banks as inputs of any length, filled by `AdapterServer` with every adapter it
+    loads (any number; a batch mixes any of them)."""
     state = lora_fx.unfolded_lora(gm)
     if state is None:
         raise ExportError("export_multi_adapter needs an unfolded LoRA graph (inject_lora or load_adapter's result)")
@@ -53,9 +60,16 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_c
         )
     if isinstance(mixed, bool) or not isinstance(mixed, int) or mixed < 0:
         raise ExportError(f"mixed must be a number of adapter banks (0: one adapter per run), got {mixed!r}")
+    if stacked and mixed:
+        raise ExportError(f"stacked=True serves any number of adapters per batch; mixed={mixed} fixes the number of "
+                          "banks instead. Give one of the two")
     path = Path(path)
     with staged(path) as target:  # the export and its rewrite below reach `path` whole, or not at all
-        if mixed:
+        if stacked:
+            module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, 1)
+            export_onnx(module, target, example_inputs, kv_cache=kv_cache)
+            _make_stacked(target)
+        elif mixed:
             module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, mixed)
             export_onnx(module, target, example_inputs, kv_cache=kv_cache)
             _make_overridable(target, lambda name: name if _is_bank(name) else None, zero=lambda name: False)
@@ -98,6 +112,33 @@ def _make_overridable(path: Path, rename, zero) -> dict[str, str]:
     return renamed
 
 
+STACK_DIM = "lora_adapters"  # a stacked bank's first dimension: the zero adapter + every loaded one
+
+
+def _make_stacked(path: Path) -> None:
+    """Turn each bank initializer into a graph input of free first dimension (STACK_DIM). Each must
+    be read by Gathers on axis 0 only, so that a run costs the same whatever the number of adapters."""
+    model = onnx.load(str(path), load_external_data=True)
+    graph = model.graph
+    banks = [init for init in graph.initializer if _is_bank(init.name)]
+    names = {init.name for init in banks}
+    for node in graph.node:
+        used = names.intersection(node.input)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if used and (node.op_type != "Gather" or node.input[0] not in names or axis != 0 or len(used) > 1):
+            raise ExportError(f"the exporter reads adapter bank {sorted(used)[0]} with {node.op_type} (not a Gather of "
+                              "the rows' adapters): a stacked export would read every adapter on every run")
+    for init in banks:
+        graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, [STACK_DIM, *init.dims[1:]]))
+    kept = [init for init in graph.initializer if init.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    kept_info = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000, location=f"{path.name}.data")
+
+
 def _is_lora_a(slot_free: str) -> bool:
     name = lora_fx.parse_slot_free(slot_free)
     return name is not None and name.which == LORA_A
@@ -116,6 +157,9 @@ def slot_shapes(model_path) -> dict[str, tuple[int, ...]]:
     model = onnx.load(str(model_path), load_external_data=False)
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     overridable = {i.name: inits[i.name] for i in model.graph.input if i.name in inits}
+    stacks = {i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)  # stacked=True
+              for i in model.graph.input if i.name not in inits and _is_bank(i.name)}
+    overridable.update(stacks)
     shapes = {}
     for name, dims in overridable.items():
         source = lora_fx.bank_source(name)
@@ -193,9 +237,16 @@ class AdapterServer:
     tensors as inputs itself, from the same file, placed once on the session's device. A model
     exported with `mixed=k` takes a different adapter per row: the server fills its k banks from the
     loaded adapters a request names and feeds each row's bank index.
+
+    A `stacked=True` export: each adapter is copied once into one stack per bank (row 0 the zero
+    adapter, then one row per load, on the session's device), and every request binds the same
+    stacks, so any mix of the loaded adapters costs what one adapter costs. The stacks grow by
+    doubling (`capacity`: adapters room is made for at first); the server holds no other copy of an
+    adapter. `adapter_memory` (bytes) caps the stacks' size: a load past it is refused.
     """
 
-    def __init__(self, model_path, device: str = "auto", options=None):
+    def __init__(self, model_path, device: str = "auto", options=None, *, capacity: int = 16,
+                 adapter_memory: int | None = None):
         self.session = ort_session(model_path, device, options=options)
         self.provider = self.session.provider
         self.adapters: dict[str, object] = {}
@@ -203,10 +254,31 @@ class AdapterServer:
         self._params: dict[str, dict[str, np.ndarray]] = {}
         overridable = {i.name: tuple(i.shape) for i in self.session.get_overridable_initializers()}
         self.banks = {n: shape for n, shape in overridable.items() if _is_bank(n)}  # mixed models only
-        self.mixed = INDEX in {i.name for i in self.session.get_inputs()}
+        inputs = self.session.get_inputs()
+        self.mixed = INDEX in {i.name for i in inputs}
         self.slots = next(iter(self.banks.values()))[0] - 1 if self.banks else 1  # adapters one batch may mix
         # what one adapter's tensors must look like, by name (a mixed model: one bank's share)
         self.shapes = {lora_fx.bank_source(n) or n: shape[1:] if _is_bank(n) else shape for n, shape in overridable.items()}
+        self.stacked = any(_is_bank(i.name) and i.name not in overridable for i in inputs)
+        if self.stacked:
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+                raise ExportError(f"capacity is the number of adapters to make room for at first (>= 1), got {capacity!r}")
+            banks = [i for i in inputs if _is_bank(i.name)]
+            self.shapes = {lora_fx.bank_source(i.name): tuple(i.shape[1:]) for i in banks}
+            self._stack_dtype = {i.name: _TORCH_DTYPES[i.type] for i in banks}
+            self._stacks: dict[str, torch.Tensor] = {}  # bank -> [capacity + 1, ...] on the session's device
+            self._views: dict[str, object] = {}  # bank -> OrtValue over the used rows (row 0 + every adapter)
+            self._rows: dict[str, int] = {}  # adapter -> its row - 1 (its adapter_index)
+            self._capacity = capacity
+            self._lock = threading.Lock()  # loads write rows and replace the views one at a time
+        self.adapter_memory = adapter_memory
+        self._row_bytes = sum(int(np.prod(self.shapes[lora_fx.bank_source(bank)])) * dtype.itemsize
+                              for bank, dtype in self._stack_dtype.items()) if self.stacked else 0  # one adapter
+
+    @property
+    def stacked_bytes(self) -> int:
+        """Bytes of adapter weights the stacks hold (rows in use, the zero row included)."""
+        return self._row_bytes * (len(self._rows) + 1) if self.stacked else 0
 
     def load(self, name: str, adapter_path) -> None:
         if not Path(adapter_path).is_file():
@@ -229,11 +301,62 @@ class AdapterServer:
             raise ExportError(f"{adapter_path}: {k} is {tuple(params[k].numpy().shape)} and does not fit the served "
                               f"model, which takes {tuple(self.shapes[k])}: an adapter for another base model, or "
                               "written for another export?")
+        if self.stacked:
+            self._load_row(name, adapter_path, params)
+            return
         device = session_device(self.session)
         self._params[name] = {k: v.numpy() for k, v in params.items()}
         self._bound[name] = {k: v if device == "cpu" else ort.OrtValue.ortvalue_from_numpy(v.numpy(), device, 0)
                              for k, v in params.items()}
         self.adapters[name] = adapter
+
+    def _load_row(self, name: str, adapter_path, params: dict) -> None:
+        """Copy one adapter into the next row of every stack (zeros where it has no weight), then
+        publish the new views. A name loaded again takes a new row: a request running meanwhile
+        still reads the old one whole."""
+        with self._lock:
+            rows = len(self._rows) + (name not in self._rows)  # adapters after this load
+            if self.adapter_memory is not None and self._row_bytes * (rows + 1) > self.adapter_memory:
+                raise ExportError(f"loading {adapter_path} as {name!r} would hold {self._row_bytes * (rows + 1):,} bytes of "
+                                  f"adapters, past this server's adapter_memory budget of {self.adapter_memory:,} bytes "
+                                  f"({len(self._rows)} loaded, {self._row_bytes:,} bytes each): raise the budget or serve "
+                                  "the other adapters from another server")
+            row = len(self._rows) + 1
+            stacks = self._stacks
+            if not stacks or row >= next(iter(stacks.values())).shape[0]:
+                stacks = self._grown(row)
+            for bank, stack in stacks.items():
+                source = lora_fx.bank_source(bank)
+                if source in params:
+                    stack[row].copy_(torch.from_numpy(params[source].numpy()))
+                else:
+                    stack[row].zero_()
+            views = {bank: ort.OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(stack[:row + 1]))
+                     for bank, stack in stacks.items()}
+            # publish: a request takes (views, rows) as one snapshot in _inputs_for
+            self._stacks, self._views = stacks, views
+            self._rows = {**self._rows, name: row - 1}
+            self.adapters[name] = row - 1
+
+    def _grown(self, row: int) -> dict[str, torch.Tensor]:
+        """New stacks with room for at least `row` adapters, holding the rows in use (doubling:
+        the copies cost each adapter O(1) loads on average)."""
+        capacity = self._capacity
+        while capacity < row:
+            capacity *= 2
+        self._capacity = capacity * 2  # next growth
+        device = session_device(self.session)
+        grown = {}
+        for bank, dtype in self._stack_dtype.items():
+            shape = self.shapes[lora_fx.bank_source(bank)]
+            stack = torch.empty((capacity + 1, *shape), dtype=dtype, device=device)  # rows past the used ones are never read
+            old = self._stacks.get(bank)
+            if old is None:
+                stack[0].zero_()
+            else:
+                stack[:row].copy_(old[:row])
+            grown[bank] = stack
+        return grown
 
     def _check(self, names) -> None:
         unknown = [n for n in names if n is not None and n not in self.adapters]
@@ -244,6 +367,15 @@ class AdapterServer:
     def _inputs_for(self, rows: list[str | None]) -> dict[str, object]:
         """The extra inputs of a request whose row i uses adapter rows[i] (None: the base model)."""
         self._check(rows)
+        if self.stacked:
+            views, positions = self._views, self._rows  # one snapshot: a load publishes both at once
+            index = np.array([positions[n] if n is not None else -1 for n in rows], dtype=np.int64)
+            device = session_device(self.session)
+            if not views:  # nothing loaded: every row is the base model; the stacks hold the zero row only
+                views = {bank: ort.OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(
+                    torch.zeros((1, *self.shapes[lora_fx.bank_source(bank)]), dtype=dtype, device=device)))
+                    for bank, dtype in self._stack_dtype.items()}
+            return {**views, INDEX: ort.OrtValue.ortvalue_from_numpy(index, device, 0)}
         distinct = list(dict.fromkeys(n for n in rows if n is not None))
         if not self.mixed:
             if len(distinct) > 1 or (distinct and None in rows):
@@ -258,9 +390,9 @@ class AdapterServer:
         for bank, shape in self.banks.items():
             data = np.zeros(shape, dtype=np.float32)
             source = lora_fx.bank_source(bank)
-            for j, name in enumerate(distinct):
+            for j, name in enumerate(distinct):  # row 0 is the zero adapter
                 if source in self._params[name]:
-                    data[j] = self._params[name][source]
+                    data[j + 1] = self._params[name][source]
             banks[bank] = ort.OrtValue.ortvalue_from_numpy(data, device, 0)
         index = np.array([distinct.index(n) if n is not None else -1 for n in rows], dtype=np.int64)
         banks[INDEX] = ort.OrtValue.ortvalue_from_numpy(index, device, 0)

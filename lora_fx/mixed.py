@@ -2,8 +2,8 @@
 
 `mixed_adapters(gm, names)` returns an inference graph with one more input, `adapter_index` (one int
 per row: a position in `names`, or -1 for the base model). Every adapted product gets a branch that
-gathers each row's A, B and scaling from banks of all the adapters and applies them with batched
-matmuls; adapters of smaller rank are zero-padded to the largest (exact). It exports to ONNX like any
+gathers each row's A, B and scaling from banks of all the adapters (row 0 of each bank is the zero
+adapter, adapter j is row j + 1) and applies them with batched matmuls; adapters of smaller rank are zero-padded to the largest (exact). It exports to ONNX like any
 other graph, so ONNX Runtime serves mixed batches too.
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ def bank_source(bank: str) -> str | None:
 
 
 class MixedLora(nn.Module):
-    """base + per-row LoRA update, for one adapted product; banks hold every adapter (+ a zero one).
-    Bank buffers are named as `bank_name` maps an adapter's weights to them: `A` / `B` for a whole
+    """base + per-row LoRA update, for one adapted product; banks hold a zero adapter (row 0) and then
+    every adapter. `bank_rows` is the row of each batch row's adapter (its index + 1). Bank buffers are named as `bank_name` maps an adapter's weights to them: `A` / `B` for a whole
     weight, `A<i>` / `B<i>` for block i of a fused projection, and `scale`."""
 
     def __init__(self, site: Site, banks_a: list[torch.Tensor], banks_b: list[torch.Tensor], scale: torch.Tensor):
@@ -70,20 +70,24 @@ class MixedLora(nn.Module):
             self.register_buffer(f"B{i}", b)  # [adapters + 1, rows, rank]
         self.register_buffer("scale", scale)  # [adapters + 1, rank]
 
-    def forward(self, x, index, base):
-        rows = index.shape[0]
+    def forward(self, x, bank_rows, base):
+        rows = bank_rows.shape[0]
         xb = x if self.lookup else x.reshape(rows, -1, x.shape[-1])
-        scale = self.scale[index].unsqueeze(1)
+
+        def gather(bank):  # index_select: one ONNX Gather that reads the rows' adapters only, never the bank
+            return torch.index_select(bank, 0, bank_rows)
+
+        scale = gather(self.scale).unsqueeze(1)
         total = None
         if self.lookup:
             ids = x.reshape(rows, -1)
         for i, start, stop in self.blocks:
             if self.lookup:  # row r, token t: A.T[ids[r, t]] of row r's adapter
-                a_t = getattr(self, f"A{i}")[index].transpose(1, 2)
+                a_t = gather(getattr(self, f"A{i}")).transpose(1, 2)
                 a = a_t[torch.arange(rows, device=ids.device).unsqueeze(1), ids] * scale
             else:
-                a = torch.bmm(xb, getattr(self, f"A{i}")[index].transpose(1, 2)) * scale
-            d = torch.bmm(a, getattr(self, f"B{i}")[index].transpose(1, 2))
+                a = torch.bmm(xb, gather(getattr(self, f"A{i}")).transpose(1, 2)) * scale
+            d = torch.bmm(a, gather(getattr(self, f"B{i}")).transpose(1, 2))
             if self.fused:
                 d = torch.nn.functional.pad(d, (start, self.out_features - stop))
             total = d if total is None else total + d
@@ -93,7 +97,8 @@ class MixedLora(nn.Module):
 def check_index(inputs: dict, banks: int, names: list[str]) -> None:
     """adapter_index of a call: one integer per row, each a bank (0 .. banks - 1) or -1 (none). The
     graph takes it modulo the bank count (so that -1 is the zero bank): any other value would
-    silently serve another row's adapter or none. Tensors being traced (fake, meta) are not read."""
+    serve another row's adapter or none (the graph reads bank index + 1, and ONNX's Gather counts
+    negative indices from the end). Tensors being traced (fake, meta) are not read."""
     index = inputs.get(INDEX)
     if type(index) is not torch.Tensor or index.is_meta:
         return
@@ -146,9 +151,9 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
     placeholders = graph.find_nodes(op="placeholder")
     with graph.inserting_after(placeholders[-1]):
         index = graph.placeholder(INDEX)
-    k = (slots or len(names)) + 1  # banks, and the zero one at the end
-    with graph.inserting_after(index):  # -1 (no adapter) selects the zero bank at the end
-        selected = graph.call_function(torch.remainder, (index, k))
+    k = (slots or len(names)) + 1  # banks, and the zero one first
+    with graph.inserting_after(index):  # -1 (no adapter) selects the zero bank, row 0
+        selected = graph.call_function(torch.add, (index, 1))
     x_at = {id(u): x_position(u) for m in matches for u in m.uses}
     for m in matches:
         site = m.site
@@ -162,8 +167,8 @@ def mixed_adapters(gm: LoraGraphModule, names: list[str] | int) -> LoraGraphModu
                 continue
             r = adapter.ranks[site.param]
             for i, (a, b) in enumerate(weights[name][site.param]):
-                banks_a[i][j, :r], banks_b[i][j, :, :r] = a, b
-            scale[j, :r] = adapter.scaling(site.param)
+                banks_a[i][j + 1, :r], banks_b[i][j + 1, :, :r] = a, b
+            scale[j + 1, :r] = adapter.scaling(site.param)
         like = gm.get_parameter(site.param)
         to = {"dtype": like.dtype, "device": like.device}  # (a quantized weight's logical dtype)
         module = MixedLora(site, [t.to(**to) for t in banks_a], [t.to(**to) for t in banks_b], scale.to(**to))

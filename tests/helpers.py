@@ -193,7 +193,8 @@ class Built:
     def kv_onnx(self, which: str, directory):
         """The row's kv-cache export, each in a folder of its own (with its genai_config.json):
         "base" (the model), "folded" (random_b folded), "multi" (two_adapters, one adapter per run,
-        with a.onnx_adapter / b.onnx_adapter beside it) or "mixed" (two banks)."""
+        with a.onnx_adapter / b.onnx_adapter beside it), "mixed" (two banks) or "stacked" (banks of any
+        length)."""
         key = ("kv", which)
         if key not in self._cache:
             folder = directory / f"{self.case.name}-kv-{which}"
@@ -205,7 +206,8 @@ class Built:
                 export.export_onnx(self.folded(), path, kv_cache=True)
             else:
                 gm = self.two_adapters()
-                export.export_multi_adapter(gm, path, kv_cache=True, mixed=2 if which == "mixed" else 0)
+                export.export_multi_adapter(gm, path, kv_cache=True, mixed=2 if which == "mixed" else 0,
+                                            stacked=which == "stacked")
                 for name in ("a", "b"):
                     export.export_adapter(gm, folder / f"{name}.onnx_adapter", path, name=name)
             self._cache[key] = path

@@ -94,7 +94,7 @@ def test_onnxruntime_genai_runs_the_exports(decoder, onnx_dir):
         assert _genai_tokens(multi.parent, row, multi.parent / f"{name}.onnx_adapter") == _until_eos(ref, row.shape[0], eos)
 
 
-@pytest.mark.parametrize("kind", ["multi", "mixed"])
+@pytest.mark.parametrize("kind", ["multi", "mixed", "stacked"])
 def test_one_session_generates_for_each_adapter(decoder, onnx_dir, kind):
     path = decoder.kv_onnx(kind, onnx_dir)
     server = export.AdapterServer(path)
@@ -108,7 +108,7 @@ def test_one_session_generates_for_each_adapter(decoder, onnx_dir, kind):
         assert torch.equal(server.generate(ids, adapter=name, max_new_tokens=NEW, attention_mask=mask), ref[name]), name
     assert not torch.equal(ref["a"], ref["b"])
     rows = ["b", None, "a"]
-    if kind == "mixed":  # one batch, a different adapter per row, one session run per step
+    if kind != "multi":  # one batch, a different adapter per row, one session run per step
         out = server.generate(ids, adapter=rows, max_new_tokens=NEW, attention_mask=mask)
         for i, name in enumerate(rows):
             assert torch.equal(out[i], ref[name][i]), (i, name)

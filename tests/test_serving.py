@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 
+import onnx
 import pytest
 import torch
 
 import export
 import lora_fx
-from helpers import assert_close, first_tensor, rel_diff, tiny_llama, token_ids, train
+from helpers import assert_close, first_tensor, randomize_lora, rel_diff, tiny_llama, token_ids, train
 
 NAMES = ("a", "b", "c")
 
@@ -141,7 +142,91 @@ def test_multi_adapter_export_refuses_an_adapter_added_on_a_weight_it_cannot_swi
     assert not (tmp_path / "multi.onnx").exists()
 
 
-@pytest.mark.parametrize("kind", ["per-run", "mixed"])
+def _gathers_only(path) -> bool:
+    """Whether every node that reads a stacked bank is a Gather of rows on axis 0 (so that a run
+    reads its rows' adapters only, whatever the number loaded)."""
+    model = onnx.load(str(path))
+    banks = {i.name for i in model.graph.input if lora_fx.bank_source(i.name)}
+    readers = [n for n in model.graph.node if banks.intersection(n.input)]
+    axes = [next((a.i for a in n.attribute if a.name == "axis"), 0) for n in readers]
+    return bool(banks) and len(readers) == len(banks) and all(n.op_type == "Gather" for n in readers) and not any(axes)
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    """64 adapters (rank 4 on q/v, or rank 2 on q only, random), their .onnx_adapter files for one
+    stacked export, and each adapter's own outputs on one batch."""
+    d = tmp_path_factory.mktemp("stacked")
+    model = tiny_llama()
+    gm = lora_fx.inject_lora(lora_fx.capture(model, token_ids()), ["q_proj", "v_proj"], rank=4, alpha=8, adapter="qv")
+    lora_fx.add_adapter(gm, "q", ["q_proj"], rank=2, alpha=2)
+    path = export.export_multi_adapter(gm, d / "stacked.onnx", stacked=True)
+    x = token_ids(65, 6, seed=5)
+    files, refs = [], []
+    for k in range(64):
+        name = "qv" if k % 2 else "q"
+        lora_fx.set_adapter(gm, name)
+        randomize_lora(gm, std=0.3, seed=100 + k)
+        files.append(export.export_adapter(gm, d / f"a{k}.onnx_adapter", path, name=name))
+        with torch.no_grad():
+            refs.append(gm(**x).logits)
+    with torch.no_grad():
+        base = model(**x).logits
+    return model, gm, d, path, x, files, refs, base
+
+
+def test_a_stacked_export_serves_64_adapters_mixed_in_one_batch(stacked):
+    """Each row of one batch is its own adapter's model (64 adapters and the base model in 65 rows),
+    the stacks grow past their first capacity, the graph reads only the rows' adapters, and the
+    server holds one copy of each adapter."""
+    model, gm, d, path, x, files, refs, base = stacked
+    assert _gathers_only(path)
+    server = export.AdapterServer(path, capacity=4)  # grows 4 -> 8 -> ... -> 64 while loading
+    assert_close(server.run(x)[0], base)  # nothing loaded: the base model
+    for k, f in enumerate(files):
+        server.load(f"a{k}", f)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    rows = [f"a{k}" for k in order] + [None]
+    out = server.run(x, adapter=rows)[0]
+    for row, name in enumerate(rows):
+        ref = base[row] if name is None else refs[int(name[1:])][row]
+        assert_close(out[row], ref, ulps=1000, what=f"row {row} ({name})")
+    assert rel_diff(out[0], refs[order[1]][0]) > 1e-3  # another adapter's row would differ
+    one = server.run(x, adapter="a7")[0]  # every row one adapter: the same as its rows in a mixed batch
+    assert_close(one, refs[7], ulps=1000)
+    folded = export.export_onnx(lora_fx.merge_lora(gm, adapters=["q"]), d / "q_folded.onnx")  # a62 is "q" (even)
+    assert_close(server.run(x, adapter=["a62"] * 65)[0], _ort(folded, x), ulps=1000)
+    file_bytes = sum(f.stat().st_size for f in files)
+    assert server.stacked_bytes <= file_bytes + server.stacked_bytes / 65  # one copy each, plus the zero row
+
+
+def test_a_stacked_server_refuses_past_its_budget_and_bad_files_unchanged(stacked, tmp_path):
+    model, gm, d, path, x, files, refs, base = stacked
+    one = export.AdapterServer(path)
+    one.load("a0", files[0])
+    server = export.AdapterServer(path, adapter_memory=3 * one.stacked_bytes // 2)  # the zero row + 2 adapters
+    server.load("a0", files[0])
+    server.load("a1", files[1])
+    before = server.run(x, adapter=["a1", "a0"] * 32 + [None])[0]
+    with pytest.raises(export.ExportError, match=r"past this server's adapter_memory budget of [\d,]+ bytes \(2 loaded"):
+        server.load("a2", files[2])
+    other = lora_fx.inject_lora(lora_fx.capture(tiny_llama(hidden_size=64), token_ids()), ["q_proj", "v_proj"], rank=4)
+    other_path = export.export_multi_adapter(other, tmp_path / "other.onnx", stacked=True)
+    wrong = export.export_adapter(other, tmp_path / "other.onnx_adapter", other_path)
+    with pytest.raises(export.ExportError, match=r"does not fit the served model.*an adapter for another base model"):
+        server.load("a2", wrong)
+    assert sorted(server.adapters) == ["a0", "a1"]
+    assert torch.equal(server.run(x, adapter=["a1", "a0"] * 32 + [None])[0], before)
+    with pytest.raises(lora_fx.AdapterNameError, match="no adapter 'a2' loaded"):
+        server.run(x, adapter=["a2"] * 65)
+    with pytest.raises(export.ExportError, match=r"capacity is the number of adapters .* got 0"):
+        export.AdapterServer(path, capacity=0)
+    with pytest.raises(export.ExportError, match=r"stacked=True serves any number of adapters per batch; mixed=2"):
+        export.export_multi_adapter(gm, tmp_path / "m.onnx", stacked=True, mixed=2)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["per-run", "mixed", "stacked"])
 def test_concurrent_requests_never_get_another_adapters_answer(served, tmp_path, kind):
     """Threads send requests with different adapters (and, mixed, batches that mix them) while another
     thread loads an adapter: every answer is its own adapter's, or a clear AdapterNameError for an
@@ -150,13 +235,14 @@ def test_concurrent_requests_never_get_another_adapters_answer(served, tmp_path,
     from concurrent.futures import ThreadPoolExecutor
 
     _, gm, _, multi, *_ = served
-    path = multi if kind == "per-run" else export.export_multi_adapter(gm, tmp_path / "mixed2.onnx", mixed=2)
+    path = multi if kind == "per-run" else export.export_multi_adapter(gm, tmp_path / f"{kind}.onnx", mixed=2 * (kind == "mixed"),
+                                                                       stacked=kind == "stacked")
     files = {n: export.export_adapter(gm, tmp_path / f"{n}.onnx_adapter", path, name=n) for n in NAMES}
     reference = export.AdapterServer(path)
     for n in NAMES:
         reference.load(n, files[n])
     inputs = [token_ids(2, 5 + i % 3, seed=20 + i) for i in range(4)]
-    choices = [None, "a", "b", "c"] + ([("a", "b"), ("c", None), ("b", "c")] if kind == "mixed" else [])
+    choices = [None, "a", "b", "c"] + ([("a", "b"), ("c", None), ("b", "c")] if kind != "per-run" else [])
     expected = {(i, c): reference.run(x, adapter=list(c) if isinstance(c, tuple) else c)[0]
                 for i, x in enumerate(inputs) for c in choices}
     server = export.AdapterServer(path)
