@@ -90,23 +90,30 @@ class AdapterFile:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def adapter_file(gm: LoraGraphModule, name: str | None = None, as_lora: bool = False) -> AdapterFile:
+def adapter_file(gm: LoraGraphModule, name: str | None = None, as_lora: bool = False,
+                 portable: bool = False) -> AdapterFile:
     """Adapter `name` (default: the active one) of `gm`, as PEFT would store it (of a regionally
     captured model: every region's LoRA under its path). `as_lora`: a PiSSA / OLoRA adapter as PEFT's
     conversion makes it (path_initial_model_for_weight_conversion), a plain rank-2r LoRA on the
-    untouched W0: [A; A0] and [B, -B0], alpha doubled (sqrt(2)x with rsLoRA), the same scaling."""
+    untouched W0: [A; A0] and [B, -B0], alpha doubled (sqrt(2)x with rsLoRA), the same scaling.
+    `portable`: one rank and scaling 1 everywhere (see `_portable`), for readers that ignore
+    rank_pattern / alpha_pattern / use_rslora."""
     if regions_of(gm) is not None:
-        if as_lora:
-            raise ConfigError("as_lora: a regionally captured model has no PiSSA / OLoRA adapter to convert")
+        if as_lora or portable:
+            raise ConfigError(f"{'as_lora' if as_lora else 'portable'} is not supported on a regionally captured model; "
+                              "save the adapter without it")
         return _regional_file(gm, name)
     state = require_lora(gm, "adapter_file")
     adapter = state.adapter(name)
     lora, scalings = {}, {}
     weights = slot.read(gm, state, adapter.name)
-    if as_lora:
+    if as_lora or (portable and adapter.initial is not None):  # portable: relative to the untouched W0
         adapter, weights = _as_plain_lora(adapter, weights)
+    bias_scale = {p: adapter.scaling(p) if portable else 1.0 for p in weights}  # PEFT scales lora_B's bias too
+    if portable:
+        adapter, weights = _portable(adapter, weights, state.sites)
     magnitudes = slot.read_magnitudes(gm, state, adapter.name) or {}
-    biases = slot.read_biases(gm, state, adapter.name) or {}
+    biases = {p: b * bias_scale[p] for p, b in (slot.read_biases(gm, state, adapter.name) or {}).items()}
     holders = slot.file_holders([state.sites[p] for p in weights])
     for param, pairs in weights.items():
         site = state.sites[param]
@@ -139,6 +146,30 @@ def _as_plain_lora(adapter: Adapter, weights: Weights) -> tuple[Adapter, Weights
                    alphas={p: factor * a for p, a in adapter.alphas.items()}, initial=None), pairs
 
 
+def _portable(adapter: Adapter, weights: Weights, sites: dict[str, Site]) -> tuple[Adapter, Weights]:
+    """The same update with one rank (the largest; smaller ones zero-padded, exact), alpha = rank
+    (scaling 1) and no rsLoRA: each site's scaling is multiplied into lora_B. vLLM ignores
+    rank_pattern / alpha_pattern, so a mixed-rank adapter is served there with the wrong scaling;
+    this one reads the same in every consumer. (DoRA's magnitude sees s·B·A only: unchanged; a
+    lora_bias is scaled like B, in `adapter_file`.)"""
+    config = adapter.config
+    if config.loftq_iterations:
+        raise ConfigError(f"portable writes an update relative to the model's weights; adapter {adapter.name!r} is LoftQ's, "
+                          "relative to LoftQ's base. Save it without portable, or fold it (merge_lora)")
+    rank = max(adapter.ranks.values())
+    out = {}
+    for param, pairs in weights.items():
+        site, s = sites[param], adapter.scaling(param)
+        dim_a, dim_b = site.rank_dims
+        pad = rank - adapter.ranks[param]
+        out[param] = [(torch.cat([a, a.new_zeros(*a.shape[:dim_a], pad, *a.shape[dim_a + 1:])], dim_a),
+                       torch.cat([b * s, b.new_zeros(*b.shape[:dim_b], pad, *b.shape[dim_b + 1:])], dim_b))
+                      for a, b in pairs]
+    flat = replace(config, rank=rank, alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    return replace(adapter, config=flat, ranks={p: rank for p in adapter.ranks},
+                   alphas={p: float(rank) for p in adapter.alphas}), out
+
+
 def _regional_file(gm: nn.Module, name: str | None) -> AdapterFile:
     regions = regions_of(gm)
     lora, scalings, sites, ranks, alphas, config = {}, {}, [], {}, {}, None
@@ -168,17 +199,19 @@ def file_sites(gm: nn.Module, name: str | None) -> list[Site]:
 
 
 def save_adapter(gm: LoraGraphModule, directory, name: str | None = None, *, lora_fx_only: bool = False,
-                 as_lora: bool = False) -> Path:
+                 as_lora: bool = False, portable: bool = False) -> Path:
     """Write adapter `name` (default: the active one) of `gm` as PEFT's adapter folder. In a process
     group (FSDP2), every rank calls it: LoRA's shards are gathered, and rank 0 writes.
     A PiSSA / OLoRA adapter is saved as PEFT saves it (init_lora_weights names the init, and PEFT
     rebuilds the residual on load); `as_lora=True` writes PEFT's conversion instead, a plain rank-2r
-    LoRA any PEFT user loads on the untouched base (see `adapter_file`).
+    LoRA any PEFT user loads on the untouched base (see `adapter_file`). `portable=True`: one rank,
+    alpha = rank, no rsLoRA, each site's scaling in lora_B (exact), so that readers that ignore
+    rank_pattern / alpha_pattern (vLLM) or know no rsLoRA serve the same update.
     An adapter PEFT could not load is refused with the reason, unless `lora_fx_only`: then it is
     written in PEFT's layout for lora-fx to read (its config says `"lora_fx_only": true`)."""
     from safetensors.torch import save_file  # optional dependency (the `hf` extra)
 
-    file = adapter_file(gm, name, as_lora)
+    file = adapter_file(gm, name, as_lora, portable)
     why = peft_refusal(file_sites(gm, name), file.config)
     if why is not None and not lora_fx_only:
         raise ConfigError(f"PEFT could not load this adapter: {why}. Leave that weight out of the adapter's targets, or "

@@ -36,6 +36,25 @@ def test_ours_to_peft_and_back(built, tmp_path):
             ours = gm(**built.batch)
             assert_close(ours, peft_forward(peft_model, built.batch))
             assert max_abs(ours, again(**built.batch)) == 0
+        if i == 1:  # rsLoRA and, where modules are named, other ranks / alphas on one of them
+            _check_portable(built, gm, ours, tmp_path / "portable")
+
+
+def _check_portable(built, gm, ours, d):
+    """save_adapter(portable=True): one rank, alpha = rank, no rsLoRA, no patterns (what vLLM reads),
+    and PEFT and lora-fx give the adapter's outputs from it."""
+    import json
+
+    from peft import PeftModel
+
+    lora_fx.save_adapter(gm, d, portable=True)
+    config = json.loads((d / "adapter_config.json").read_text())
+    assert not config["rank_pattern"] and not config["alpha_pattern"] and not config["use_rslora"]
+    assert config["lora_alpha"] == config["r"] == max(gm.lora_state.adapter(None).ranks.values())
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(built.model), d).eval()
+    with torch.no_grad():
+        assert_close(peft_forward(peft_model, built.batch), ours)
+        assert_close(lora_fx.load_adapter(built.base, d).eval()(**built.batch), ours)
 
 
 @pytest.mark.parametrize("init", [False, "gaussian", True])
@@ -382,3 +401,26 @@ def test_interrupted_save_keeps_or_flags_the_previous_adapter(saved, llama_captu
     lora_fx.save_adapter(gm, d)  # the next save cleans up and works
     assert not list(d.glob(".lora-fx-tmp-*"))
     lora_fx.load_adapter(model, d)
+
+
+def test_a_portable_pissa_adapter_is_relative_to_the_untouched_model(tmp_path):
+    """portable=True on a PiSSA adapter with another rank and alpha on v_proj: written relative to the
+    untouched W0 (as as_lora does), one rank 2r: PEFT on the untouched model gives the graph's
+    outputs. (lora_bias and DoRA rows: test_ours_to_peft_and_back.)"""
+    import json
+
+    from peft import PeftModel
+
+    model, x = tiny_llama(), token_ids()
+    gm = lora_fx.inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, rank_pattern={"v_proj": 2},
+                             alpha_pattern={"v_proj": 6}, example_inputs=x, init="pissa")
+    randomize_lora(gm, seed=3)
+    with torch.no_grad():
+        ours = gm(**x).logits
+    d = lora_fx.save_adapter(gm, tmp_path / "portable", portable=True)
+    config = json.loads((d / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (8, 8, {}, {})
+    assert config["init_lora_weights"] is True  # not "pissa": PEFT must not rebuild a residual
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), d).eval()
+    with torch.no_grad():
+        assert_close(peft_model(**x).logits, ours)
