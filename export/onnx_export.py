@@ -41,6 +41,9 @@ def _writable_target(path: Path) -> None:
         raise ExportError(f"cannot write {path}: no write permission; choose a writable path")
 
 
+TOKENIZER_STAGE = "tokenizer"  # the staging folder's subfolder for the tokenizer's files
+
+
 @contextlib.contextmanager
 def staged(path: Path):
     """Write an ONNX file set (the .onnx, its external data, genai_config.json) into a staging folder
@@ -113,7 +116,7 @@ def _commit(stage: Path, path: Path) -> None:
         previous = _data_files(onnx.load(str(path), load_external_data=False)) if path.is_file() else set()
     except Exception:  # what is there is not an ONNX file: nothing of it to clean up
         previous = set()
-    for f in stage.iterdir():
+    for f in (f for f in stage.rglob("*") if f.is_file()):
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
     for old, new in moves.items():
@@ -122,6 +125,9 @@ def _commit(stage: Path, path: Path) -> None:
     for name in (kv.GENAI_CONFIG, *kv.HF_CONFIGS):  # what goes with the graph; anything else staged is scratch
         if (stage / name).is_file():
             os.replace(stage / name, path.parent / name)
+    if (stage / TOKENIZER_STAGE).is_dir():
+        for f in (stage / TOKENIZER_STAGE).iterdir():
+            os.replace(f, path.parent / f.name)
     for old in previous - set(moves.values()):  # the replaced graph's data
         (path.parent / old).unlink(missing_ok=True)
     for left in path.parent.glob(f"{path.name}.*-*.data"):  # data an interrupted writer moved in, never committed
@@ -154,7 +160,7 @@ def output_names(gm: LoraGraphModule) -> list[str] | None:
 
 def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic: bool = True,
                 opset: int | None = None, optimize: bool = False, kv_cache: bool = False,
-                external_data: bool | None = None) -> Path:
+                external_data: bool | None = None, tokenizer=None) -> Path:
     """Export `module` (a graph lora-fx returned, or any nn.Module) to ONNX at `path`.
 
     Dynamic batch and sequence axes by default; inputs and outputs named as the model names them;
@@ -170,17 +176,19 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     sequence and past length dynamic. What a generation loop needs is kept in the file's metadata
     (`export.generate` reads it); `genai_config.json` (onnxruntime-genai) and the model's
     `config.json` / `generation_config.json` (transformers, optimum) are written beside it (one
-    model per folder). `example_inputs` is not used: the step sizes its own example.
+    model per folder), and the `tokenizer`'s files when one is given (its `save_pretrained`).
+    `example_inputs` is not used: the step sizes its own example.
     """
     path = Path(path)
     _writable_target(path)
+    check_tokenizer(tokenizer, kv_cache)
     regions = lora_fx.regions_of(module)
     if regions is not None:  # ONNX holds one graph of the whole model: the merged model is exported
         warnings.warn("this model was captured by regions; exporting lora_fx.merge_and_unload(module), which torch.export "
                       "must capture whole", stacklevel=2)
         try:
             return export_onnx(lora_fx.merge_and_unload(module), path, example_inputs, dynamic=dynamic, opset=opset,
-                               optimize=optimize, kv_cache=kv_cache, external_data=external_data)
+                               optimize=optimize, kv_cache=kv_cache, external_data=external_data, tokenizer=tokenizer)
         except lora_fx.CaptureError as e:
             raise ExportError(f"ONNX export needs the whole model captured, and it was captured by regions because "
                               f"{regions.reason[:300]}; the merged model fails the same way. Export a model torch.export "
@@ -188,7 +196,21 @@ def export_onnx(module: nn.Module, path, example_inputs: Any = None, *, dynamic:
     _check_formats(module)
     with staged(path) as target:
         _write(module, target, example_inputs, dynamic, opset, optimize, kv_cache, external_data)
+        stage_tokenizer(target, tokenizer)
     return path
+
+
+def check_tokenizer(tokenizer, kv_cache: bool) -> None:
+    if tokenizer is not None and (not kv_cache or not hasattr(tokenizer, "save_pretrained")):
+        raise ExportError("tokenizer= is written beside a kv-cache export (kv_cache=True), and must be a transformers "
+                          f"tokenizer (it has save_pretrained); got {type(tokenizer).__name__}"
+                          f"{'' if kv_cache else ' without kv_cache=True'}")
+
+
+def stage_tokenizer(target: Path, tokenizer) -> None:
+    """The tokenizer's files into the staging folder of `target`, committed with the graph."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target.parent / TOKENIZER_STAGE)
 
 
 def _write(module: nn.Module, path: Path, example_inputs, dynamic: bool, opset, optimize: bool, kv_cache: bool,

@@ -30,7 +30,7 @@ from lora_fx import LORA_A, LoraGraphModule
 
 from . import kv_cache as kv
 from .generation import generate, session_device
-from .onnx_export import ExportError, export_onnx, staged
+from .onnx_export import ExportError, check_tokenizer, export_onnx, stage_tokenizer, staged
 from .runtime import ort_run, ort_session
 
 INDEX = "adapter_index"
@@ -38,12 +38,12 @@ _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float1
 
 
 def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_cache: bool = False,
-                         mixed: int = 0, stacked: bool = False) -> Path:
+                         mixed: int = 0, stacked: bool = False, tokenizer=None) -> Path:
     """Export the unfolded LoRA graph with its LoRA weights as overridable initializers (see the
     module doc). `kv_cache=True`: the decoding step with its KV cache. `mixed=k`: k adapter banks
     (each sized to the graph's slots) and an `adapter_index` input (one bank per row, -1 for none).
     `stacked=True`: banks as inputs of any length, filled by `AdapterServer` with every adapter it
-    loads (any number; a batch mixes any of them)."""
+    loads (any number; a batch mixes any of them). `tokenizer`: its files beside a kv export."""
     state = lora_fx.unfolded_lora(gm)
     if state is None:
         raise ExportError("export_multi_adapter needs an unfolded LoRA graph (inject_lora or load_adapter's result)")
@@ -63,8 +63,10 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_c
     if stacked and mixed:
         raise ExportError(f"stacked=True serves any number of adapters per batch; mixed={mixed} fixes the number of "
                           "banks instead. Give one of the two")
+    check_tokenizer(tokenizer, kv_cache)
     path = Path(path)
     with staged(path) as target:  # the export and its rewrite below reach `path` whole, or not at all
+        stage_tokenizer(target, tokenizer)
         if stacked:
             module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, 1)
             export_onnx(module, target, example_inputs, kv_cache=kv_cache)

@@ -10,7 +10,7 @@ import torch
 
 import export
 import lora_fx
-from helpers import token_ids
+from helpers import tiny_llama, token_ids
 
 NEW = 8
 
@@ -189,3 +189,35 @@ def test_a_kv_export_folder_carries_the_models_configs(decoder, onnx_dir):
     except ImportError:
         pytest.skip("optimum is not installed (it pins transformers < 5): the folder's files are checked above")
     ORTModelForCausalLM.from_pretrained(folder)
+
+
+def _tokenizer():
+    """A small fast tokenizer built here (no hub): words of the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(40)}}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_a_kv_export_folder_carries_the_tokenizer_when_given(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok, model = _tokenizer(), tiny_llama()
+    text = "w1 w7 w30 nope"
+    for kind in ("folded", "stacked"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        if kind == "folded":
+            export.export_onnx(model, folder / "model.onnx", kv_cache=True, tokenizer=tok)
+        else:
+            gm = lora_fx.inject_lora(model, ["q_proj"], rank=2, example_inputs=token_ids())
+            export.export_multi_adapter(gm, folder / "model.onnx", kv_cache=True, stacked=True, tokenizer=tok)
+        again = AutoTokenizer.from_pretrained(folder)
+        assert again(text)["input_ids"] == tok(text)["input_ids"] and again.eos_token == "</s>"
+        assert (folder / "config.json").is_file() and not any(p.name.startswith(".") for p in folder.iterdir())
+    with pytest.raises(export.ExportError, match=r"tokenizer= is written beside a kv-cache export \(kv_cache=True\)"):
+        export.export_onnx(model, tmp_path / "plain.onnx", tokenizer=tok)
+    assert not (tmp_path / "plain.onnx").exists() and not (tmp_path / "tokenizer.json").exists()
