@@ -269,8 +269,10 @@ class AdapterServer:
             self.shapes = {lora_fx.bank_source(i.name): tuple(i.shape[1:]) for i in banks}
             self._stack_dtype = {i.name: _TORCH_DTYPES[i.type] for i in banks}
             self._stacks: dict[str, torch.Tensor] = {}  # bank -> [capacity + 1, ...] on the session's device
-            self._views: dict[str, object] = {}  # bank -> OrtValue over the used rows (row 0 + every adapter)
-            self._rows: dict[str, int] = {}  # adapter -> its row - 1 (its adapter_index)
+            # what requests read, replaced whole by each load: (bank -> OrtValue over the rows written,
+            # adapter -> its row - 1, its adapter_index)
+            self._published: tuple[dict[str, object], dict[str, int]] = ({}, {})
+            self._written = 0  # adapter rows written (a name loaded again takes a new one)
             self._capacity = capacity
             self._lock = threading.Lock()  # loads write rows and replace the views one at a time
         self.adapter_memory = adapter_memory
@@ -280,7 +282,7 @@ class AdapterServer:
     @property
     def stacked_bytes(self) -> int:
         """Bytes of adapter weights the stacks hold (rows in use, the zero row included)."""
-        return self._row_bytes * (len(self._rows) + 1) if self.stacked else 0
+        return self._row_bytes * (self._written + 1) if self.stacked else 0
 
     def load(self, name: str, adapter_path) -> None:
         if not Path(adapter_path).is_file():
@@ -317,13 +319,12 @@ class AdapterServer:
         publish the new views. A name loaded again takes a new row: a request running meanwhile
         still reads the old one whole."""
         with self._lock:
-            rows = len(self._rows) + (name not in self._rows)  # adapters after this load
-            if self.adapter_memory is not None and self._row_bytes * (rows + 1) > self.adapter_memory:
-                raise ExportError(f"loading {adapter_path} as {name!r} would hold {self._row_bytes * (rows + 1):,} bytes of "
+            row = self._written + 1
+            if self.adapter_memory is not None and self._row_bytes * (row + 1) > self.adapter_memory:
+                raise ExportError(f"loading {adapter_path} as {name!r} would hold {self._row_bytes * (row + 1):,} bytes of "
                                   f"adapters, past this server's adapter_memory budget of {self.adapter_memory:,} bytes "
-                                  f"({len(self._rows)} loaded, {self._row_bytes:,} bytes each): raise the budget or serve "
+                                  f"({len(self.adapters)} loaded, {self._row_bytes:,} bytes each): raise the budget or serve "
                                   "the other adapters from another server")
-            row = len(self._rows) + 1
             stacks = self._stacks
             if not stacks or row >= next(iter(stacks.values())).shape[0]:
                 stacks = self._grown(row)
@@ -335,9 +336,8 @@ class AdapterServer:
                     stack[row].zero_()
             views = {bank: ort.OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(stack[:row + 1]))
                      for bank, stack in stacks.items()}
-            # publish: a request takes (views, rows) as one snapshot in _inputs_for
-            self._stacks, self._views = stacks, views
-            self._rows = {**self._rows, name: row - 1}
+            self._stacks, self._written = stacks, row
+            self._published = (views, {**self._published[1], name: row - 1})  # one assignment: requests see both or neither
             self.adapters[name] = row - 1
 
     def _grown(self, row: int) -> dict[str, torch.Tensor]:
@@ -370,7 +370,7 @@ class AdapterServer:
         """The extra inputs of a request whose row i uses adapter rows[i] (None: the base model)."""
         self._check(rows)
         if self.stacked:
-            views, positions = self._views, self._rows  # one snapshot: a load publishes both at once
+            views, positions = self._published
             index = np.array([positions[n] if n is not None else -1 for n in rows], dtype=np.int64)
             device = session_device(self.session)
             if not views:  # nothing loaded: every row is the base model; the stacks hold the zero row only

@@ -219,6 +219,12 @@ def test_a_stacked_server_refuses_past_its_budget_and_bad_files_unchanged(stacke
     assert torch.equal(server.run(x, adapter=["a1", "a0"] * 32 + [None])[0], before)
     with pytest.raises(lora_fx.AdapterNameError, match="no adapter 'a2' loaded"):
         server.run(x, adapter=["a2"] * 65)
+    again = export.AdapterServer(path, capacity=1)  # a name loaded again takes a new row; later loads, others
+    for name, f in (("a0", files[0]), ("a0", files[1]), ("a1", files[2])):
+        again.load(name, f)
+    out = again.run(x, adapter=["a0", "a1"] * 32 + [None])[0]
+    assert_close(out[0::2][:32], refs[1][0:64:2], ulps=1000)
+    assert_close(out[1::2][:32], refs[2][1:64:2], ulps=1000)
     with pytest.raises(export.ExportError, match=r"capacity is the number of adapters .* got 0"):
         export.AdapterServer(path, capacity=0)
     with pytest.raises(export.ExportError, match=r"stacked=True serves any number of adapters per batch; mixed=2"):
