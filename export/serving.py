@@ -67,14 +67,13 @@ def export_multi_adapter(gm: LoraGraphModule, path, example_inputs=None, *, kv_c
     path = Path(path)
     with staged(path) as target:  # the export and its rewrite below reach `path` whole, or not at all
         stage_tokenizer(target, tokenizer)
-        if stacked:
-            module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, 1)
+        if stacked or mixed:  # stacked: one bank's export, its banks then made inputs of any length
+            module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, mixed or 1)
             export_onnx(module, target, example_inputs, kv_cache=kv_cache)
-            _make_stacked(target)
-        elif mixed:
-            module = lora_fx.mixed_adapters(gm.decode_step() if kv_cache else gm, mixed)
-            export_onnx(module, target, example_inputs, kv_cache=kv_cache)
-            _make_overridable(target, lambda name: name if _is_bank(name) else None, zero=lambda name: False)
+            if stacked:
+                _make_stacked(target)
+            else:
+                _make_overridable(target, lambda name: name if _is_bank(name) else None, zero=lambda name: False)
         else:
             export_onnx(gm, target, example_inputs, kv_cache=kv_cache)
             renamed = _make_overridable(target, lambda name: lora_fx.slot_free_name(name, state.slot),
@@ -110,8 +109,12 @@ def _make_overridable(path: Path, rename, zero) -> dict[str, str]:
     for init in graph.initializer:  # overridable: also a graph input, fed by ONNX Runtime's LoraAdapter
         if init.name in renamed.values():
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000, location=f"{path.name}.data")
+    _save(model, path)
     return renamed
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000, location=f"{path.name}.data")
 
 
 STACK_DIM = "lora_adapters"  # a stacked bank's first dimension: the zero adapter + every loaded one
@@ -138,7 +141,7 @@ def _make_stacked(path: Path) -> None:
     kept_info = [v for v in graph.value_info if v.name not in names]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
-    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_900_000_000, location=f"{path.name}.data")
+    _save(model, path)
 
 
 def _is_lora_a(slot_free: str) -> bool:
@@ -228,6 +231,11 @@ def export_adapter(adapter, path, model, name: str | None = None) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _ort_view(t: torch.Tensor):
+    """An OrtValue over `t`'s memory (no copy; it keeps `t` alive)."""
+    return ort.OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(t))
 
 
 class AdapterServer:
@@ -334,8 +342,7 @@ class AdapterServer:
                     stack[row].copy_(torch.from_numpy(params[source].numpy()))
                 else:
                     stack[row].zero_()
-            views = {bank: ort.OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(stack[:row + 1]))
-                     for bank, stack in stacks.items()}
+            views = {bank: _ort_view(stack[:row + 1]) for bank, stack in stacks.items()}
             self._stacks, self._written = stacks, row
             self._published = (views, {**self._published[1], name: row - 1})  # one assignment: requests see both or neither
             self.adapters[name] = row - 1
@@ -374,9 +381,9 @@ class AdapterServer:
             index = np.array([positions[n] if n is not None else -1 for n in rows], dtype=np.int64)
             device = session_device(self.session)
             if not views:  # nothing loaded: every row is the base model; the stacks hold the zero row only
-                views = {bank: ort.OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(
-                    torch.zeros((1, *self.shapes[lora_fx.bank_source(bank)]), dtype=dtype, device=device)))
-                    for bank, dtype in self._stack_dtype.items()}
+                views = {bank: _ort_view(torch.zeros((1, *self.shapes[lora_fx.bank_source(bank)]), dtype=dtype,
+                                                     device=device))
+                         for bank, dtype in self._stack_dtype.items()}
             return {**views, INDEX: ort.OrtValue.ortvalue_from_numpy(index, device, 0)}
         distinct = list(dict.fromkeys(n for n in rows if n is not None))
         if not self.mixed:

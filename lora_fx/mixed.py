@@ -3,8 +3,9 @@
 `mixed_adapters(gm, names)` returns an inference graph with one more input, `adapter_index` (one int
 per row: a position in `names`, or -1 for the base model). Every adapted product gets a branch that
 gathers each row's A, B and scaling from banks of all the adapters (row 0 of each bank is the zero
-adapter, adapter j is row j + 1) and applies them with batched matmuls; adapters of smaller rank are zero-padded to the largest (exact). It exports to ONNX like any
-other graph, so ONNX Runtime serves mixed batches too.
+adapter, adapter j is row j + 1) and applies them with batched matmuls; adapters of smaller rank are
+zero-padded to the largest (exact). It exports to ONNX like any other graph, so ONNX Runtime serves
+mixed batches too.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def bank_source(bank: str) -> str | None:
 
 class MixedLora(nn.Module):
     """base + per-row LoRA update, for one adapted product; banks hold a zero adapter (row 0) and then
-    every adapter. `bank_rows` is the row of each batch row's adapter (its index + 1). Bank buffers are named as `bank_name` maps an adapter's weights to them: `A` / `B` for a whole
-    weight, `A<i>` / `B<i>` for block i of a fused projection, and `scale`."""
+    every adapter. `bank_rows` is the row of each batch row's adapter (its index + 1). Bank buffers
+    are named as `bank_name` maps an adapter's weights to them: `A` / `B` for a whole weight, `A<i>` / `B<i>` for block i of a fused projection, and `scale`."""
 
     def __init__(self, site: Site, banks_a: list[torch.Tensor], banks_b: list[torch.Tensor], scale: torch.Tensor):
         super().__init__()
@@ -96,9 +97,8 @@ class MixedLora(nn.Module):
 
 def check_index(inputs: dict, banks: int, names: list[str]) -> None:
     """adapter_index of a call: one integer per row, each a bank (0 .. banks - 1) or -1 (none). The
-    graph takes it modulo the bank count (so that -1 is the zero bank): any other value would
-    serve another row's adapter or none (the graph reads bank index + 1, and ONNX's Gather counts
-    negative indices from the end). Tensors being traced (fake, meta) are not read."""
+    graph reads bank row index + 1 (row 0 is the zero bank): any other value would serve another
+    row's adapter or none (ONNX's Gather counts negative indices from the end). Tensors being traced (fake, meta) are not read."""
     index = inputs.get(INDEX)
     if type(index) is not torch.Tensor or index.is_meta:
         return
